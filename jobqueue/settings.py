@@ -1,0 +1,155 @@
+"""Configuration: a TOML file (`--config` or `JOBQUEUE_CONFIG`) and the environment, which wins.
+
+The names of DESIGN.md are interface: `JOBQUEUE_DATABASE_URL`, `JOBQUEUE_DATA_DIR`,
+`JOBQUEUE_BASE_URL`, `OPENAI_API_KEY`, `JOBQUEUE_POLL_INTERVAL`, `OPENAI_WEBHOOK_SECRET`.
+Every other key is `JOBQUEUE_<KEY>` in the environment and `<key>` in the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from platformdirs import user_data_dir
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from jobqueue.durations import parse_duration
+
+
+class HookConfig(BaseModel):
+    """One `[[hooks]]` table: a shell command or an HTTP webhook for matching events."""
+
+    events: list[str] = Field(default_factory=lambda: ["*"])
+    command: str | None = None
+    url: str | None = None
+    secret: SecretStr | None = None
+    timeout: float = 10.0
+    max_attempts: int = Field(default=8, ge=1)
+    name: str | None = None
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def model_post_init(self, __context: Any) -> None:
+        if bool(self.command) == bool(self.url):
+            raise ValueError("a hook needs exactly one of `command` or `url`")
+
+    @property
+    def sink_name(self) -> str:
+        return self.name or (f"command:{self.command}" if self.command else f"webhook:{self.url}")
+
+
+def _duration(value: Any) -> float:
+    return parse_duration(value)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="JOBQUEUE_", extra="forbid", populate_by_name=True, validate_default=False
+    )
+
+    database_url: str | None = None
+    data_dir: Path = Field(default_factory=lambda: Path(user_data_dir("jobqueue")))
+    base_url: str = "https://api.openai.com/v1"
+    provider: Literal["openai", "azure"] = "openai"
+    api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "api_key")
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_WEBHOOK_SECRET", "webhook_secret")
+    )
+    poll_interval: float = Field(default=30.0, gt=0)
+    # Remote calls.
+    request_timeout: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    # Jobs.
+    max_attempts: int = Field(default=3, ge=1)
+    completion_window: str = "24h"
+    output_expires_after: float = Field(default=7 * 86400, ge=3600, le=2592000)
+    result_retention: float = Field(default=30 * 86400, gt=0)
+    # Submission.
+    lease_seconds: float = Field(default=300.0, gt=0)
+    token_limit_backoff: float = Field(default=300.0, gt=0)
+    enqueued_token_limit: int | None = Field(default=None, gt=0)
+    # Reconcile: list pages instead of one GET per batch above this many open batches.
+    list_threshold: int = Field(default=50, ge=0)
+    overdue_grace: float = Field(default=3600.0, ge=0)
+    stuck_after: float = Field(default=3 * 3600.0, gt=0)
+    # Daemon.
+    listen: str | None = None
+    hooks: list[HookConfig] = Field(default_factory=list)
+    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator(
+        "output_expires_after", "result_retention", "token_limit_backoff", "lease_seconds",
+        "overdue_grace", "stuck_after", mode="before",
+    )
+    @classmethod
+    def _durations(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments win, then the environment, then the TOML file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_PATH.get("path") or os.environ.get("JOBQUEUE_CONFIG")
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'jobqueue.db'}"
+
+
+_CONFIG_PATH: dict[str, str | None] = {}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be read or does not validate."""
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment and the TOML file, with `overrides` on top."""
+    if config is not None and not Path(config).is_file():
+        raise ConfigError(f"config file not found: {config}")
+    _CONFIG_PATH["path"] = str(config) if config is not None else None
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigError(_settings_error(exc)) from None
+    finally:
+        _CONFIG_PATH.pop("path", None)
+
+
+def _settings_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "invalid configuration: " + "; ".join(parts)
