@@ -91,8 +91,13 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @field_validator(
-        "output_expires_after", "result_retention", "token_limit_backoff", "lease_seconds",
-        "overdue_grace", "stuck_after", mode="before",
+        "output_expires_after",
+        "result_retention",
+        "token_limit_backoff",
+        "lease_seconds",
+        "overdue_grace",
+        "stuck_after",
+        mode="before",
     )
     @classmethod
     def _durations(cls, value: Any) -> Any:

@@ -1,0 +1,56 @@
+"""Alembic migrations, shipped inside the package so an installed jobqueue can upgrade itself.
+
+`alembic.ini` at the top of the repository points here too, for `alembic revision` and
+`alembic check` during development.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+if TYPE_CHECKING:
+    from jobqueue.store import Store
+
+MIGRATIONS_DIR = Path(__file__).parent
+# Any constant will do: it only has to be the same for every jobqueue process.
+_PG_LOCK_KEY = 0x6A6F6271
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(store: Store) -> str | None:
+    with store.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(store: Store, revision: str = "head") -> None:
+    """Upgrade under a lock, so two processes opening one old database migrate it once."""
+    config = alembic_config(store.url)
+    with store.write() as conn:
+        if store.dialect == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
+def upgrade_if_behind(store: Store) -> bool:
+    """Upgrade when the database is behind the code; a cheap check when it is not."""
+    if current_revision(store) == head_revision():
+        return False
+    upgrade(store)
+    return True

@@ -1,0 +1,157 @@
+"""The SQLModel tables. Times are Unix seconds (floats): portable, exact and cheap to compare.
+
+Request bodies never enter the database: they stay in shard files under the data dir. The
+`requests` table is the per-request index: where each request is now, and where its outcome is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+metadata = SQLModel.metadata
+# Explicit names keep migrations stable across databases.
+metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "jobs"
+
+    id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(index=True, max_length=16)
+    endpoint: str = Field(max_length=64)
+    completion_window: str = Field(default="24h", max_length=16)
+    # Remote batch metadata the user asked for (`--metadata K=V`).
+    user_metadata: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False)
+    )
+    max_attempts: int = 3
+    deadline_at: float | None = None
+    source: str = Field(default="", max_length=4096)
+    input_dir: str = Field(default="", max_length=4096)
+    max_batch_requests: int
+    max_batch_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    request_count: int = Field(sa_column=Column(BigInteger, nullable=False))
+    bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    requests_succeeded: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    requests_failed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    cancel_requested: bool = False
+    error: str | None = Field(default=None, max_length=4096)
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class BatchRow(SQLModel, table=True):
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_status_not_before", "status", "not_before"),)
+
+    id: str = Field(primary_key=True, max_length=64)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=64)
+    status: str = Field(max_length=16)
+    shard_index: int
+    attempt: int = 1
+    model: str | None = Field(default=None, max_length=256)
+    input_path: str = Field(max_length=4096)
+    request_count: int
+    bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    estimated_tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    remote_id: str | None = Field(default=None, unique=True, max_length=128)
+    input_file_id: str | None = Field(default=None, max_length=128)
+    output_file_id: str | None = Field(default=None, max_length=128)
+    error_file_id: str | None = Field(default=None, max_length=128)
+    remote_total: int = 0
+    remote_completed: int = 0
+    remote_failed: int = 0
+    usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    errors: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
+    last_error: str | None = Field(default=None, max_length=4096)
+    # Claiming: a daemon holds a batch while it works on it; an expired lease is free again.
+    lease_owner: str | None = Field(default=None, max_length=128)
+    lease_until: float | None = None
+    # Not to be submitted before this time (token-limit backoff, transient submit errors).
+    not_before: float | None = None
+    submit_attempts: int = 0
+    cancel_requested: bool = False
+    created_at: float
+    updated_at: float
+    submitting_at: float | None = None
+    validating_at: float | None = None
+    in_progress_at: float | None = None
+    finalizing_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    expired_at: float | None = None
+    cancelling_at: float | None = None
+    cancelled_at: float | None = None
+    # The remote's own deadline for the batch (`expires_at`).
+    expires_at: float | None = None
+    refreshed_at: float | None = None
+    # Results: set once output and error files are stored and outcomes recorded.
+    output_path: str | None = Field(default=None, max_length=4096)
+    error_path: str | None = Field(default=None, max_length=4096)
+    collected_at: float | None = None
+    purged_at: float | None = None
+    overdue_reported_at: float | None = None
+    stuck_reported_at: float | None = None
+
+
+class RequestRow(SQLModel, table=True):
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("job_id", "custom_id"),
+        Index("ix_requests_batch_id_custom_id", "batch_id", "custom_id"),
+    )
+
+    job_id: str = Field(foreign_key="jobs.id", primary_key=True, max_length=64)
+    position: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    custom_id: str = Field(sa_column=Column(Text, nullable=False))
+    # The batch that holds the request now (its latest attempt).
+    batch_id: str = Field(max_length=64)
+    attempt: int = 1
+    # None while pending; `succeeded` or `failed` once the holding batch was collected.
+    outcome: str | None = Field(default=None, max_length=16)
+    status_code: int | None = None
+    error_code: str | None = Field(default=None, max_length=128)
+    # Where the outcome's line is: in the output or error file of `result_batch_id`.
+    result_batch_id: str | None = Field(default=None, max_length=64)
+    result_kind: str | None = Field(default=None, max_length=8)
+    result_offset: int | None = Field(default=None, sa_column=Column(BigInteger))
+    result_length: int | None = None
+
+
+class EventRow(SQLModel, table=True):
+    """The outbox: written in the transaction that made the change, delivered afterwards."""
+
+    __tablename__ = "events"
+
+    # SQLite only autoincrements an INTEGER primary key; PostgreSQL gets a BIGINT identity.
+    seq: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    id: str = Field(unique=True, max_length=64)
+    type: str = Field(index=True, max_length=64)
+    created_at: float
+    job_id: str | None = Field(default=None, index=True, max_length=64)
+    batch_id: str | None = Field(default=None, max_length=64)
+    from_status: str | None = Field(default=None, max_length=16)
+    to_status: str | None = Field(default=None, max_length=16)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+jobs_table = JobRow.__table__  # type: ignore[attr-defined]
+batches_table = BatchRow.__table__  # type: ignore[attr-defined]
+requests_table = RequestRow.__table__  # type: ignore[attr-defined]
+events_table = EventRow.__table__  # type: ignore[attr-defined]

@@ -1,0 +1,221 @@
+"""Plain typed objects handed to users of the embedded API and printed by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row
+
+from jobqueue.store import iso
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+@dataclass(frozen=True)
+class RequestCounts:
+    total: int
+    completed: int
+    failed: int
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed
+
+    def to_dict(self) -> dict[str, int]:
+        return {"total": self.total, "completed": self.completed, "failed": self.failed}
+
+
+_BATCH_TIMES = (
+    "created_at",
+    "submitting_at",
+    "validating_at",
+    "in_progress_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "expires_at",
+    "collected_at",
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One remote batch of a job: a shard of the input, or a retry of failed requests."""
+
+    id: str
+    job_id: str
+    status: str
+    attempt: int
+    shard_index: int
+    model: str | None
+    remote_id: str | None
+    input_file_id: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    request_counts: RequestCounts
+    last_error: str | None
+    cancel_requested: bool
+    times: dict[str, datetime | None] = field(default_factory=dict)
+
+    @property
+    def created_at(self) -> datetime:
+        created = self.times["created_at"]
+        assert created is not None
+        return created
+
+    @classmethod
+    def from_row(cls, row: Row) -> Batch:
+        return cls(
+            id=row.id,
+            job_id=row.job_id,
+            status=row.status,
+            attempt=row.attempt,
+            shard_index=row.shard_index,
+            model=row.model,
+            remote_id=row.remote_id,
+            input_file_id=row.input_file_id,
+            output_file_id=row.output_file_id,
+            error_file_id=row.error_file_id,
+            request_counts=RequestCounts(
+                row.remote_total or row.request_count, row.remote_completed, row.remote_failed
+            ),
+            last_error=row.last_error,
+            cancel_requested=bool(row.cancel_requested),
+            times={name: _dt(getattr(row, name)) for name in _BATCH_TIMES},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "remote_id": self.remote_id,
+            "status": self.status,
+            "attempt": self.attempt,
+            "shard_index": self.shard_index,
+            "model": self.model,
+            "request_counts": self.request_counts.to_dict(),
+            "input_file_id": self.input_file_id,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "last_error": self.last_error,
+            **{name: _iso(value) for name, value in self.times.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    """The user's unit of work: one input file, one result per request."""
+
+    id: str
+    status: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str]
+    max_attempts: int
+    source: str
+    bytes: int
+    request_counts: RequestCounts
+    cancel_requested: bool
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    deadline_at: datetime | None
+    batches: tuple[Batch, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled", "expired")
+
+    @classmethod
+    def from_row(cls, row: Row, batches: list[Row] | None = None) -> Job:
+        return cls(
+            id=row.id,
+            status=row.status,
+            endpoint=row.endpoint,
+            completion_window=row.completion_window,
+            metadata=dict(row.user_metadata or {}),
+            max_attempts=row.max_attempts,
+            source=row.source,
+            bytes=row.bytes,
+            request_counts=RequestCounts(
+                row.request_count, row.requests_succeeded, row.requests_failed
+            ),
+            cancel_requested=bool(row.cancel_requested),
+            error=row.error,
+            created_at=_dt(row.created_at),  # type: ignore[arg-type]
+            started_at=_dt(row.started_at),
+            finished_at=_dt(row.finished_at),
+            deadline_at=_dt(row.deadline_at),
+            batches=tuple(Batch.from_row(b) for b in batches or ()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "endpoint": self.endpoint,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "deadline_at": _iso(self.deadline_at),
+            "completion_window": self.completion_window,
+            "metadata": self.metadata,
+            "max_attempts": self.max_attempts,
+            "source": self.source,
+            "bytes": self.bytes,
+            "error": self.error,
+            "request_counts": self.request_counts.to_dict(),
+            "batches": [b.to_dict() for b in self.batches],
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    """One outbox event, in the payload shape hooks receive."""
+
+    seq: int
+    id: str
+    type: str
+    created_at: datetime
+    job_id: str | None
+    batch_id: str | None
+    from_status: str | None
+    to_status: str | None
+    data: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: Row) -> Event:
+        return cls(
+            seq=row.seq,
+            id=row.id,
+            type=row.type,
+            created_at=_dt(row.created_at),  # type: ignore[arg-type]
+            job_id=row.job_id,
+            batch_id=row.batch_id,
+            from_status=row.from_status,
+            to_status=row.to_status,
+            data=dict(row.data or {}),
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "created_at": _iso(self.created_at),
+            "job_id": self.job_id,
+            "batch_id": self.batch_id,
+            "from": self.from_status,
+            "to": self.to_status,
+            "data": self.data,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return iso(value.timestamp()) if value is not None else None
