@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -791,7 +795,7 @@ def test_retry_log_names_request_id_and_attempt() -> None:
     retry = next(e for e in logs if e["event"] == "remote.retry")
     assert retry["request_id"] == "req_abc" and retry["attempt"] == 0
     assert retry["status"] == 503 and retry["method"] == "GET"
-    assert retry["path"] == "batches/batch_1"
+    assert retry["path"] == "/v1/batches/batch_1"
 
 
 # -- Azure ------------------------------------------------------------------------------------
@@ -874,3 +878,63 @@ def test_make_provider_with_real_settings(monkeypatch: pytest.MonkeyPatch) -> No
     s = Settings(base_url="http://localhost:9/v1")
     with make_provider(s) as p:
         assert p.base_url == "http://localhost:9/v1"
+
+
+# -- over a real socket: what httpx raises when a server misbehaves -----------------------------
+
+
+class _Server(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    downloads = 0
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        type(self).downloads += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(DATA)))
+        self.end_headers()
+        if type(self).downloads == 1:  # first time: hang up a third of the way in
+            self.wfile.write(DATA[: len(DATA) // 3])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(DATA)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(0.5)  # longer than the client's read timeout
+        with contextlib.suppress(OSError):  # the client has hung up by now
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    _Server.downloads = 0
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_real_socket_dropped_download_is_retried(server: str, tmp_path: Path) -> None:
+    delays: list[float] = []
+    with OpenAIProvider(server, KEY, sleep=delays.append) as p:
+        dest = tmp_path / "out.jsonl"
+        assert p.download_file("file_1", dest, expected_bytes=len(DATA)) == len(DATA)
+    assert dest.read_bytes() == DATA and len(delays) == 1
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_real_socket_create_timeout_is_maybe_created(server: str) -> None:
+    p = OpenAIProvider(server, KEY, timeout=0.2, sleep=lambda s: None)
+    with p, pytest.raises(TransientRemoteError) as info:
+        _create(p)
+    assert info.value.maybe_created and "ReadTimeout" in info.value.message

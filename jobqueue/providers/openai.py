@@ -58,11 +58,13 @@ _INITIAL_DELAY = 0.5
 _MAX_DELAY = 8.0
 # Errors raised before any byte of the request left: always safe to retry, even a create.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# A body that fails to decode is treated like a corrupt transfer.
 _RETRYABLE_EXC = (
     httpx.TimeoutException,
     httpx.NetworkError,
     httpx.RemoteProtocolError,
     httpx.ProxyError,
+    httpx.DecodingError,
 )
 # Gateway answers: the upstream may have acted before the gateway gave up.
 _AMBIGUOUS_STATUS = frozenset({502, 504})
@@ -240,7 +242,12 @@ class OpenAIProvider:
             return False
         return status in (408, 409, 429) or status >= 500
 
+    def _full_path(self, path: str) -> str:
+        return self._client.base_url.path + path
+
     def _log(self, event: str, level: str, **kw: Any) -> None:
+        if "path" in kw:
+            kw["path"] = self._full_path(kw["path"])
         getattr(log, level)(event, provider=self.name, **kw)
 
     def _request(
@@ -274,7 +281,7 @@ class OpenAIProvider:
                         files=files(stack) if files else None,
                         timeout=timeout or self._timeout,
                     )
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 fields = dict(
                     method=method,
                     path=path,
@@ -283,7 +290,9 @@ class OpenAIProvider:
                     request_id=None,
                     error=type(exc).__name__,
                 )
-                message = self._redact(f"{method} {path}: {type(exc).__name__}: {exc}")
+                message = self._redact(
+                    f"{method} {self._full_path(path)}: {type(exc).__name__}: {exc}"
+                )
                 if not isinstance(exc, _RETRYABLE_EXC):
                     self._log("remote.failed", "error", **fields)
                     raise PermanentRemoteError(message) from exc
@@ -317,7 +326,7 @@ class OpenAIProvider:
                 self._log("remote.maybe_created", "warning", **fields)
                 raise self._error(response, TransientRemoteError, maybe_created=True)
             if not retry:
-                self._log("remote.refused", "warning", **fields)
+                self._log("remote.refused", "info" if status == 404 else "warning", **fields)
                 raise self._error(response, PermanentRemoteError)
             if last:
                 self._log("remote.failed", "warning", **fields)
@@ -499,13 +508,14 @@ class OpenAIProvider:
                             f"received {total} of {expected} bytes", status, request_id
                         )
                     )
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             if not isinstance(exc, _RETRYABLE_EXC):
                 raise PermanentRemoteError(
-                    self._redact(f"GET {path}: {type(exc).__name__}: {exc}")
+                    self._redact(f"GET {self._full_path(path)}: {type(exc).__name__}: {exc}")
                 ) from exc
             error = IncompleteDownloadError(
-                self._redact(f"GET {path}: {type(exc).__name__}: {exc}"), request_id=request_id
+                self._redact(f"GET {self._full_path(path)}: {type(exc).__name__}: {exc}"),
+                request_id=request_id,
             )
             raise _Retry(error) from exc
         self._log(
