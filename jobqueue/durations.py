@@ -29,7 +29,7 @@ def parse_duration(text: str | float | int) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     out = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

@@ -41,8 +41,12 @@ class JobRow(SQLModel, table=True):
     max_batch_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
     request_count: int = Field(sa_column=Column(BigInteger, nullable=False))
     bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
-    requests_succeeded: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
-    requests_failed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    requests_succeeded: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0")
+    )
+    requests_failed: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0")
+    )
     cancel_requested: bool = False
     error: str | None = Field(default=None, max_length=4096)
     created_at: float
@@ -64,7 +68,9 @@ class BatchRow(SQLModel, table=True):
     input_path: str = Field(max_length=4096)
     request_count: int
     bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
-    estimated_tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    estimated_tokens: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0")
+    )
     remote_id: str | None = Field(default=None, unique=True, max_length=128)
     input_file_id: str | None = Field(default=None, max_length=128)
     output_file_id: str | None = Field(default=None, max_length=128)

@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: 17420a7bfc12
+Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 22:43:45.601358
+Create Date: 2026-11-25 22:45:44.662698
 """
 
 from collections.abc import Sequence
@@ -11,8 +11,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-
-revision: str = "17420a7bfc12"
+revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
@@ -58,8 +57,8 @@ def upgrade() -> None:
         sa.Column("max_batch_bytes", sa.BigInteger(), nullable=False),
         sa.Column("request_count", sa.BigInteger(), nullable=False),
         sa.Column("bytes", sa.BigInteger(), nullable=False),
-        sa.Column("requests_succeeded", sa.BigInteger(), nullable=False),
-        sa.Column("requests_failed", sa.BigInteger(), nullable=False),
+        sa.Column("requests_succeeded", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("requests_failed", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("error", sqlmodel.sql.sqltypes.AutoString(length=4096), nullable=True),
         sa.Column("created_at", sa.Float(), nullable=False),
@@ -82,7 +81,7 @@ def upgrade() -> None:
         sa.Column("input_path", sqlmodel.sql.sqltypes.AutoString(length=4096), nullable=False),
         sa.Column("request_count", sa.Integer(), nullable=False),
         sa.Column("bytes", sa.BigInteger(), nullable=False),
-        sa.Column("estimated_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("estimated_tokens", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("remote_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
         sa.Column("input_file_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
         sa.Column("output_file_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),

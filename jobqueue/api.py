@@ -1,0 +1,302 @@
+"""The embedded API: `JobQueue`, the same core the CLI and the daemon use.
+
+from jobqueue import JobQueue
+jq = JobQueue()                      # defaults from the config file and the environment
+job = jq.submit("requests.jsonl", endpoint="/v1/chat/completions")
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from jobqueue import inputs
+from jobqueue.durations import parse_duration
+from jobqueue.ids import new_id
+from jobqueue.lifecycle import request_cancel
+from jobqueue.logs import get_logger
+from jobqueue.records import Event, Job
+from jobqueue.settings import Settings, load_settings
+from jobqueue.store import Store
+
+log = get_logger("jobqueue.api")
+
+# What the remote accepts for one batch input file.
+REMOTE_MAX_BYTES = 200 * 1024 * 1024
+REMOTE_MAX_REQUESTS = {"openai": 50_000, "azure": 100_000}
+COMPLETION_WINDOWS = ("24h",)
+# Remote metadata holds 16 pairs; jobqueue keeps two for itself (its job and batch ids).
+MAX_USER_METADATA = 14
+RESERVED_METADATA_PREFIX = "jobqueue_"
+
+
+class JobQueueError(Exception):
+    """An error to show the user as one line; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class JobNotFound(JobQueueError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}")
+
+
+class InvalidOptions(JobQueueError):
+    exit_code = 2
+
+
+class JobQueue:
+    """A handle on one jobqueue database and data dir.
+
+    `JobQueue(database_url=None, data_dir=None, **settings)`: any setting of `Settings` may be
+    given by name; the rest come from the config file and the environment.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        data_dir: str | Path | None = None,
+        *,
+        config: str | Path | None = None,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.settings = settings or load_settings(
+            config, database_url=database_url, data_dir=data_dir, **overrides
+        )
+        self.data_dir = Path(self.settings.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.settings.effective_database_url)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> JobQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        path: str | Path,
+        endpoint: str,
+        *,
+        completion_window: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        max_attempts: int | None = None,
+        deadline: str | float | None = None,
+        max_batch_requests: int | None = None,
+        max_batch_bytes: int | None = None,
+    ) -> Job:
+        """Validate and shard a JSONL file, record the job and its batches as `queued`.
+
+        Streams the file once. A bad file raises `inputs.InputError` naming every problem with
+        its line, and nothing is recorded: no job row, no shard file.
+        """
+        source = Path(path)
+        options = self._job_options(
+            endpoint,
+            completion_window or self.settings.completion_window,
+            metadata or {},
+            max_attempts or self.settings.max_attempts,
+            deadline,
+            max_batch_requests,
+            max_batch_bytes,
+        )
+        now = time.time()
+        job_id = new_id("job")
+        jobs_dir = self.data_dir / "jobs"
+        staging = jobs_dir / f"{job_id}.staging"
+        final = jobs_dir / job_id / "input"
+        limits = inputs.Limits(
+            max_requests=options["max_batch_requests"],
+            max_bytes=options["max_batch_bytes"],
+            max_embedding_inputs=min(options["max_batch_requests"], 50_000),
+        )
+        prepared = inputs.prepare_input(source, endpoint, staging, limits)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(final)
+            shards = [_moved(shard, staging, final) for shard in prepared.shards]
+            batch_ids = [new_id("batch") for _ in shards]
+            job = {
+                "id": job_id,
+                "status": "queued",
+                "endpoint": endpoint,
+                "completion_window": options["completion_window"],
+                "user_metadata": options["metadata"],
+                "max_attempts": options["max_attempts"],
+                "deadline_at": now + options["deadline"] if options["deadline"] else None,
+                "source": str(source.resolve()),
+                "input_dir": str(final),
+                "max_batch_requests": options["max_batch_requests"],
+                "max_batch_bytes": options["max_batch_bytes"],
+                "request_count": prepared.requests,
+                "bytes": prepared.bytes,
+                "created_at": now,
+                "updated_at": now,
+            }
+            batches = [
+                {
+                    "id": batch_id,
+                    "job_id": job_id,
+                    "status": "queued",
+                    "shard_index": shard.index,
+                    "attempt": 1,
+                    "model": shard.model,
+                    "input_path": str(shard.path),
+                    "request_count": shard.requests,
+                    "bytes": shard.bytes,
+                    "estimated_tokens": shard.estimated_tokens,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for batch_id, shard in zip(batch_ids, shards, strict=True)
+            ]
+            with self.store.write() as conn:
+                self.store.insert_job(conn, job, batches)
+                self.store.insert_requests(
+                    conn,
+                    (
+                        (job_id, position, custom_id, batch_id, 1)
+                        for batch_id, shard in zip(batch_ids, shards, strict=True)
+                        for position, custom_id in inputs.iter_shard_requests(shard)
+                    ),
+                )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(final.parent, ignore_errors=True)
+            raise
+        log.debug(
+            "job submitted",
+            job_id=job_id,
+            requests=prepared.requests,
+            batches=len(shards),
+            bytes=prepared.bytes,
+        )
+        return self.get(job_id)
+
+    def _job_options(
+        self,
+        endpoint: str,
+        completion_window: str,
+        metadata: Mapping[str, str],
+        max_attempts: int,
+        deadline: str | float | None,
+        max_batch_requests: int | None,
+        max_batch_bytes: int | None,
+    ) -> dict[str, Any]:
+        try:
+            inputs.check_endpoint(endpoint)
+        except ValueError as exc:
+            raise InvalidOptions(str(exc)) from None
+        if completion_window not in COMPLETION_WINDOWS:
+            raise InvalidOptions(
+                f"completion window {completion_window!r} is not accepted by the remote; "
+                f"use {', '.join(COMPLETION_WINDOWS)}"
+            )
+        remote_max = REMOTE_MAX_REQUESTS.get(self.settings.provider, 50_000)
+        requests_limit = max_batch_requests or remote_max
+        if not 1 <= requests_limit <= remote_max:
+            raise InvalidOptions(f"--max-batch-requests must be between 1 and {remote_max}")
+        bytes_limit = max_batch_bytes or REMOTE_MAX_BYTES
+        if not 1024 <= bytes_limit <= REMOTE_MAX_BYTES:
+            raise InvalidOptions(f"--max-batch-bytes must be between 1024 and {REMOTE_MAX_BYTES}")
+        if max_attempts < 1:
+            raise InvalidOptions("--max-attempts must be at least 1")
+        seconds = None
+        if deadline is not None:
+            try:
+                seconds = parse_duration(deadline)
+            except ValueError as exc:
+                raise InvalidOptions(f"--deadline: {exc}") from None
+        return {
+            "completion_window": completion_window,
+            "metadata": _check_metadata(metadata),
+            "max_attempts": max_attempts,
+            "deadline": seconds,
+            "max_batch_requests": requests_limit,
+            "max_batch_bytes": bytes_limit,
+        }
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        """A job with its batches. Accepts an unambiguous prefix of the id."""
+        with self.store.read() as conn:
+            row = self.store.find_job(conn, job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            return Job.from_row(row, self.store.job_batches(conn, row.id))
+
+    def jobs(self, status: str | None = None, *, limit: int | None = None) -> list[Job]:
+        """Jobs, newest first (without their batches)."""
+        with self.store.read() as conn:
+            return [Job.from_row(row) for row in self.store.list_jobs(conn, status, limit)]
+
+    def events(
+        self, job_id: str | None = None, *, after: int | None = None, limit: int | None = None
+    ) -> list[Event]:
+        """Outbox events in order, for one job or all."""
+        with self.store.read() as conn:
+            if job_id is not None:
+                row = self.store.find_job(conn, job_id)
+                if row is None:
+                    raise JobNotFound(job_id)
+                job_id = row.id
+            return [
+                Event.from_row(r)
+                for r in self.store.events(conn, job_id, after_seq=after, limit=limit)
+            ]
+
+    # -- control ----------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: queued batches end at once, the daemon cancels the others remotely."""
+        with self.store.write() as conn:
+            row = self.store.find_job(conn, job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            if row.status in ("queued", "running"):
+                remote = request_cancel(self.store, conn, row.id)
+                log.debug("job cancel requested", job_id=row.id, remote_batches=remote)
+        return self.get(row.id)
+
+
+def _moved(shard: inputs.Shard, old: Path, new: Path) -> inputs.Shard:
+    """The shard with its paths re-rooted from the staging dir to the job's input dir."""
+
+    def move(path: Path | None) -> Path | None:
+        return None if path is None else new / path.relative_to(old)
+
+    return inputs.Shard(
+        **{
+            **shard.__dict__,
+            "path": move(shard.path),
+            "ids_path": move(shard.ids_path),
+            "positions_path": move(shard.positions_path),
+        }
+    )
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    if len(metadata) > MAX_USER_METADATA:
+        raise InvalidOptions(
+            f"at most {MAX_USER_METADATA} metadata pairs (the remote allows 16; jobqueue uses 2)"
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= 64:
+            raise InvalidOptions(f"metadata key {key!r} must be a string of 1 to 64 characters")
+        if key.startswith(RESERVED_METADATA_PREFIX):
+            raise InvalidOptions(f"metadata key {key!r}: the prefix 'jobqueue_' is reserved")
+        if not isinstance(value, str) or len(value) > 512:
+            raise InvalidOptions(
+                f"metadata value of {key!r} must be a string of at most 512 characters"
+            )
+    return dict(metadata)

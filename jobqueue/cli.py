@@ -1,0 +1,447 @@
+"""The command line: a thin layer over the embedded API, talking to the daemon's database.
+
+Logs and errors go to stderr; with `--json` a command prints only JSON on stdout. Errors are one
+line, never a traceback: exit 2 for bad input or usage, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jobqueue.api import JobQueue, JobQueueError
+from jobqueue.inputs import InputError
+from jobqueue.logs import configure_logging
+from jobqueue.records import Event, Job
+from jobqueue.settings import ConfigError
+from jobqueue.store import StoreError
+
+app = typer.Typer(
+    name="jobqueue",
+    help="A durable job queue for OpenAI-style Batch APIs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+# Not on a terminal (a pipe, a log), tables keep full ids rather than fold to 80 columns.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+
+
+class _Context:
+    def __init__(self, config: Path | None, overrides: dict[str, Any]) -> None:
+        self.config = config
+        self.overrides = overrides
+        self._queue: JobQueue | None = None
+
+    def queue(self) -> JobQueue:
+        if self._queue is None:
+            self._queue = JobQueue(config=self.config, **self.overrides)
+        return self._queue
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.close()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", envvar="JOBQUEUE_CONFIG", help="TOML config file."),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="Overrides JOBQUEUE_DATABASE_URL.", show_default=False),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Overrides JOBQUEUE_DATA_DIR.", show_default=False),
+    ] = None,
+    log_level: Annotated[
+        str,
+        typer.Option(
+            "--log-level", envvar="JOBQUEUE_LOG_LEVEL", help="debug, info, warning, error."
+        ),
+    ] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            envvar="JOBQUEUE_LOG_FORMAT",
+            help="auto (console on a terminal, else json), json, console.",
+        ),
+    ] = "auto",
+) -> None:
+    configure_logging(log_level, log_format)
+    state = _Context(config, {"database_url": database_url, "data_dir": data_dir})
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+def _state(ctx: typer.Context) -> _Context:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, _Context)
+    return obj
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def _parse_metadata(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--metadata")
+        out[key] = value
+    return out
+
+
+# -- submit ---------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    file: Annotated[
+        Path,
+        typer.Argument(help="JSONL of requests: custom_id, method, url, body.", metavar="FILE"),
+    ],
+    endpoint: Annotated[
+        str, typer.Option("--endpoint", "-e", help="Remote endpoint, e.g. /v1/chat/completions.")
+    ],
+    completion_window: Annotated[
+        str | None,
+        typer.Option("--completion-window", help="Remote completion window. [default: 24h]"),
+    ] = None,
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option("--metadata", "-m", help="KEY=VALUE put on every remote batch; repeatable."),
+    ] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            "--max-attempts", min=1, help="Attempts per request, retries included. [default: 3]"
+        ),
+    ] = None,
+    deadline: Annotated[
+        str | None,
+        typer.Option("--deadline", help="End the job 'expired' after this long, e.g. 48h."),
+    ] = None,
+    max_batch_requests: Annotated[
+        int | None,
+        typer.Option(
+            "--max-batch-requests", min=1, help="Requests per remote batch. [default: 50000]"
+        ),
+    ] = None,
+    max_batch_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-batch-bytes", min=1024, help="Bytes per batch input file. [default: 200 MB]"
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate and shard FILE, and queue it as one job. Prints the job id."""
+    job = (
+        _state(ctx)
+        .queue()
+        .submit(
+            file,
+            endpoint,
+            completion_window=completion_window,
+            metadata=_parse_metadata(metadata or []),
+            max_attempts=max_attempts,
+            deadline=deadline,
+            max_batch_requests=max_batch_requests,
+            max_batch_bytes=max_batch_bytes,
+        )
+    )
+    if as_json:
+        _print_json(
+            {
+                "id": job.id,
+                "status": job.status,
+                "batches": len(job.batches),
+                "requests": job.request_counts.total,
+            }
+        )
+        return
+    stdout.print(job.id)
+    stderr.print(
+        f"queued {job.request_counts.total:,} requests in {len(job.batches)} "
+        f"batch{'es' if len(job.batches) != 1 else ''} ({_size(job.bytes)})"
+    )
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    job_id: Annotated[
+        str | None, typer.Argument(help="A job id (or unique prefix).", metavar="JOB_ID")
+    ] = None,
+    filter_status: Annotated[
+        str | None, typer.Option("--status", help="Only jobs in this status.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many jobs.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """A table of jobs, or one job with its batches."""
+    queue = _state(ctx).queue()
+    if job_id is None:
+        jobs = queue.jobs(filter_status, limit=limit)
+        if as_json:
+            _print_json([{k: v for k, v in j.to_dict().items() if k != "batches"} for j in jobs])
+        else:
+            stdout.print(_jobs_table(jobs))
+        return
+    job = queue.get(job_id)
+    if as_json:
+        _print_json(job.to_dict())
+    else:
+        _print_job(job)
+
+
+def _jobs_table(jobs: list[Job]) -> Table | str:
+    if not jobs:
+        return "no jobs"
+    table = Table(box=None, header_style="bold")
+    for column in ("JOB", "STATUS", "ENDPOINT", "DONE", "FAILED", "CREATED", "SOURCE"):
+        table.add_column(column, justify="right" if column in ("DONE", "FAILED") else "left")
+    for job in jobs:
+        counts = job.request_counts
+        table.add_row(
+            job.id,
+            _status_text(job.status),
+            job.endpoint,
+            f"{counts.done:,}/{counts.total:,}",
+            f"{counts.failed:,}",
+            job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            Path(job.source).name,
+        )
+    return table
+
+
+def _print_job(job: Job) -> None:
+    counts = job.request_counts
+    stdout.print(f"[bold]{job.id}[/bold]  {_status_text(job.status)}")
+    stdout.print(f"  endpoint   {job.endpoint}  (window {job.completion_window})")
+    stdout.print(f"  source     {job.source}  ({_size(job.bytes)})")
+    stdout.print(
+        f"  requests   {counts.total:,} total, {counts.completed:,} succeeded, "
+        f"{counts.failed:,} failed"
+    )
+    stdout.print(f"  created    {job.created_at:%Y-%m-%d %H:%M:%S %Z}")
+    if job.deadline_at:
+        stdout.print(f"  deadline   {job.deadline_at:%Y-%m-%d %H:%M:%S %Z}")
+    if job.finished_at:
+        stdout.print(f"  finished   {job.finished_at:%Y-%m-%d %H:%M:%S %Z}")
+    if job.error:
+        stdout.print(f"  error      {job.error}")
+    if job.cancel_requested and not job.done:
+        stdout.print("  cancel requested: the daemon is cancelling its remote batches")
+    if not job.batches:
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("BATCH", "REMOTE", "STATUS", "ATTEMPT", "REQUESTS", "OK", "FAILED", "MODEL"):
+        table.add_column(column)
+    for batch in job.batches:
+        bc = batch.request_counts
+        table.add_row(
+            batch.id,
+            batch.remote_id or "-",
+            _status_text(batch.status),
+            str(batch.attempt),
+            f"{bc.total:,}",
+            f"{bc.completed:,}",
+            f"{bc.failed:,}",
+            batch.model or "-",
+        )
+    stdout.print()
+    stdout.print(table)
+
+
+_STATUS_STYLE = {
+    "completed": "green",
+    "failed": "red",
+    "expired": "yellow",
+    "cancelled": "magenta",
+    "cancelling": "magenta",
+    "running": "cyan",
+    "in_progress": "cyan",
+    "validating": "blue",
+    "finalizing": "blue",
+    "submitting": "blue",
+}
+
+
+def _status_text(status: str) -> str:
+    style = _STATUS_STYLE.get(status)
+    return f"[{style}]{status}[/{style}]" if style else status
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+# -- cancel, events ---------------------------------------------------------------------------
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="A job id (or unique prefix).", metavar="JOB_ID")],
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel a job: queued batches end now, submitted ones are cancelled remotely by the daemon."""
+    job = _state(ctx).queue().cancel(job_id)
+    if as_json:
+        _print_json(job.to_dict())
+        return
+    open_batches = sum(
+        1 for b in job.batches if b.status not in ("completed", "failed", "expired", "cancelled")
+    )
+    if job.done:
+        stdout.print(f"{job.id} {job.status}")
+    else:
+        stdout.print(
+            f"{job.id} cancelling ({open_batches} remote "
+            f"batch{'es' if open_batches != 1 else ''} to cancel)"
+        )
+
+
+@app.command()
+def events(
+    ctx: typer.Context,
+    job_id: Annotated[
+        str | None, typer.Argument(help="Only this job's events.", metavar="JOB_ID")
+    ] = None,
+    after: Annotated[
+        int | None, typer.Option("--after", help="Only events after this sequence number.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="At most this many events.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The events of one job or all jobs, in order."""
+    found = _state(ctx).queue().events(job_id, after=after, limit=limit)
+    if as_json:
+        _print_json([{"seq": e.seq, **e.to_payload()} for e in found])
+        return
+    stdout.print(_events_table(found))
+
+
+def _events_table(found: list[Event]) -> Table | str:
+    if not found:
+        return "no events"
+    table = Table(box=None, header_style="bold")
+    for column in ("SEQ", "TIME", "TYPE", "JOB", "BATCH", "FROM", "TO"):
+        table.add_column(column)
+    for e in found:
+        table.add_row(
+            str(e.seq),
+            e.created_at.strftime("%H:%M:%S.%f")[:-3],
+            e.type,
+            e.job_id or "-",
+            e.batch_id or "-",
+            e.from_status or "-",
+            e.to_status or "-",
+        )
+    return table
+
+
+# -- db -------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Bring the database schema up to date (jobqueue also does this when it opens one)."""
+    from jobqueue.migrations import current_revision, upgrade
+
+    queue = _state(ctx).queue()
+    upgrade(queue.store)
+    stderr.print(f"database at revision {current_revision(queue.store)}")
+
+
+@db_app.command("current")
+def db_current(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Show the database's schema revision and the code's."""
+    from jobqueue.migrations import current_revision, head_revision
+    from jobqueue.store import Store
+
+    state = _state(ctx)
+    from jobqueue.settings import load_settings
+
+    settings = load_settings(state.config, **state.overrides)
+    store = Store(settings.effective_database_url, migrate=False)
+    try:
+        current, head = current_revision(store), head_revision()
+    finally:
+        store.close()
+    if as_json:
+        _print_json({"current": current, "head": head})
+    else:
+        stdout.print(f"current {current or '(empty)'}, head {head}")
+
+
+def _register_optional_commands() -> None:
+    try:
+        from jobqueue.emulator.command import emulator_command
+    except ImportError:  # the emulator is still being built
+        return
+    app.command("emulator", help="Serve a local OpenAI-compatible Batch and Files API.")(
+        emulator_command
+    )
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; click reports its own usage errors (exit 2), this reports ours in one line."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="jobqueue", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (InputError, ConfigError) as exc:
+        stderr.print(f"error: {exc}", markup=False)
+        return 2
+    except JobQueueError as exc:
+        stderr.print(f"error: {exc}", markup=False)
+        return exc.exit_code
+    except StoreError as exc:
+        stderr.print(f"error: {exc}", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Small builders for test data: request lines, input files, rows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from jobqueue.ids import new_id
+
+
+def chat_line(i: int, model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
+    return {
+        "custom_id": f"req-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": f"Say {i}"}]},
+        **extra,
+    }
+
+
+def write_jsonl(path: Path, lines: Iterable[dict[str, Any] | bytes | str]) -> Path:
+    with path.open("wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                f.write(orjson.dumps(line) + b"\n")
+            elif isinstance(line, str):
+                f.write(line.encode() + b"\n")
+            else:
+                f.write(line + b"\n")
+    return path
+
+
+def chat_file(path: Path, n: int, model: str = "gpt-4o-mini") -> Path:
+    return write_jsonl(path, (chat_line(i, model) for i in range(n)))
+
+
+def insert_job_with_batch(
+    store: Any, status: str = "queued", *, requests: int = 3
+) -> tuple[str, str]:
+    """A job with one batch in `status` and its request rows; returns (job_id, batch_id)."""
+    now = time.time()
+    job_id, batch_id = new_id("job"), new_id("batch")
+    job = {
+        "id": job_id,
+        "status": "running" if status not in ("queued",) else "queued",
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+        "user_metadata": {},
+        "max_attempts": 3,
+        "source": "test.jsonl",
+        "input_dir": "/nonexistent",
+        "max_batch_requests": 50_000,
+        "max_batch_bytes": 200 * 1024 * 1024,
+        "request_count": requests,
+        "bytes": 100 * requests,
+        "created_at": now,
+        "updated_at": now,
+    }
+    batch = {
+        "id": batch_id,
+        "job_id": job_id,
+        "status": status,
+        "shard_index": 0,
+        "attempt": 1,
+        "model": "gpt-4o-mini",
+        "input_path": "/nonexistent/shard.jsonl",
+        "request_count": requests,
+        "bytes": 100 * requests,
+        "created_at": now,
+        "updated_at": now,
+    }
+    with store.write() as conn:
+        store.insert_job(conn, job, [batch])
+        store.insert_requests(conn, ((job_id, i, f"req-{i}", batch_id, 1) for i in range(requests)))
+    return job_id, batch_id
