@@ -15,7 +15,21 @@ import structlog
 
 _SECRET_KEYS = re.compile(r"(api[_-]?key|secret|authorization|password|token)$", re.I)
 _SECRET_TEXT = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|whsec_[A-Za-z0-9+/=]{6,}|Bearer\s+\S+)")
-_configured = False
+
+
+class _StderrLogger:
+    """Writes each line to the *current* `sys.stderr` (which tests and daemons may replace)."""
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
 
 
 def redact_secrets(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -27,11 +41,8 @@ def redact_secrets(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict
     return event_dict
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", *, force: bool = False) -> None:
-    """Choose processors once: `fmt` is `auto` (console on a TTY, else JSON), `json`, `console`."""
-    global _configured
-    if _configured and not force:
-        return
+def configure_logging(level: str = "info", fmt: str = "auto", *, stdlib: bool = True) -> None:
+    """Choose processors: `fmt` is `auto` (console on a TTY, else JSON), `json`, `console`."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = (
@@ -51,13 +62,18 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, force: bool = F
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger_factory,
         cache_logger_on_first_use=False,
     )
-    # Libraries that use stdlib logging (uvicorn, apscheduler, alembic) go to stderr too.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
-    _configured = True
+    if stdlib:
+        # Libraries that use stdlib logging (uvicorn, apscheduler, alembic) go to stderr too.
+        logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
 
 
 def get_logger(name: str = "jobqueue", **context: Any) -> Any:
+    """A logger; when nobody configured structlog yet, jobqueue's defaults (stderr) apply, so an
+    embedding program never sees jobqueue's logs on its stdout."""
+    if not structlog.is_configured():
+        # An embedding program's own stdlib logging set-up is left alone.
+        configure_logging(stdlib=False)
     return structlog.get_logger(name).bind(**context)
