@@ -139,6 +139,7 @@ class BatchRecord:
     output_work: Future[OutputResult] | None = None
     output: OutputResult | None = None
     waiting: str | None = None  # an event postponed until its background work is done
+    waiting_since: float | None = None  # when that event was due
     blocked: str | None = None  # an event held back by `stick_in`
 
     def to_dict(self, now: float, rate: float, failure_rate: float) -> dict[str, Any]:
@@ -185,7 +186,8 @@ class BatchRecord:
             return 0
         if self.ending is not None:
             return self.finished
-        return max(0, min(self.total, int((t - self.in_progress_at) * rate + 1e-9)))
+        # Rounded first: timestamps near 1.8e9 carry ~1e-7 of float error.
+        return max(0, min(self.total, math.floor(round((t - self.in_progress_at) * rate, 4))))
 
 
 def _ts(t: float | None) -> int | None:
@@ -210,6 +212,7 @@ class Emulator:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._offset = 0.0
+        self._settling = 0
         self._events: list[tuple[float, int, str, str, Any]] = []
         self._seq = itertools.count()
         self._files: dict[str, FileRecord] = {}
@@ -255,22 +258,39 @@ class Emulator:
         self.settle(settle_timeout)
 
     def settle(self, timeout: float = 60.0) -> None:
-        """Apply due events, waiting for any background work that holds one back."""
+        """Apply due events, waiting for any background work that holds one back.
+
+        While settling, work takes no simulated time: an event that waited for it happens
+        when it was due, not when the thread finished (which, after a jump, is much later).
+        """
         deadline = time.monotonic() + timeout
-        while True:
+        with self._lock:
+            self._settling += 1
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("background work did not finish in time")
+                with self._lock:
+                    self._catch_up()
+                    pending = [
+                        work
+                        for b in self._batches.values()
+                        if b.waiting
+                        for work in (b.validation_work, b.output_work)
+                        if work is not None and not work.done()
+                    ]
+                if not pending:
+                    with self._lock:
+                        if not any(b.waiting for b in self._batches.values()):
+                            return
+                    time.sleep(0.001)  # work done, its callback is queueing the event
+                    continue
+                for work in pending:
+                    with contextlib.suppress(Exception):  # handled with its event
+                        work.exception(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
             with self._lock:
-                self._catch_up()
-                pending = [
-                    work
-                    for b in self._batches.values()
-                    if b.waiting
-                    for work in (b.validation_work, b.output_work)
-                    if work is not None and not work.done()
-                ]
-            if not pending:
-                return
-            for work in pending:
-                work.result(timeout=max(0.0, deadline - time.monotonic()))
+                self._settling -= 1
 
     def _push(self, t: float, batch_id: str, kind: str, arg: Any = None) -> None:
         heapq.heappush(self._events, (t, next(self._seq), batch_id, kind, arg))
@@ -334,7 +354,7 @@ class Emulator:
         work = b.validation_work
         if b.validation is None and work is not None:
             if not work.done():
-                b.waiting = "validated"
+                b.waiting, b.waiting_since = "validated", t
                 return
             try:
                 b.validation = work.result()
@@ -419,14 +439,15 @@ class Emulator:
         with self._lock:
             b = self._batches.get(ident)
             if b is not None and b.waiting and b.status not in TERMINAL:
-                self._push(self.now(), ident, b.waiting)
+                due = b.waiting_since if self._settling and b.waiting_since else self.now()
+                self._push(due, ident, b.waiting)
 
     def _finish(self, b: BatchRecord, t: float, kind: str) -> None:
         """End the batch as its run decided, once its output files are written."""
         work = b.output_work
         if work is not None and b.output is None:
             if not work.done():
-                b.waiting = kind
+                b.waiting, b.waiting_since = kind, t
                 return
             try:
                 b.output = work.result()
