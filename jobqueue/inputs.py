@@ -1,0 +1,613 @@
+"""Streaming validation and sharding of an input JSONL file.
+
+`prepare_input` reads the user's file once, in constant memory, checks every line against what the
+remote accepts, and writes upload-ready shards (one model per shard, within the remote's limits)
+into a staging directory. Any problem fails the whole file: every line is still checked, so the
+user sees all problems at once, and nothing written is left behind.
+
+Decisions (see also `benchmarks/README.md`):
+
+- Positions are 0-based request ordinals: the n-th request of the file, blank lines not counted.
+  Problem line numbers are 1-based physical line numbers.
+- Blank (whitespace-only) lines are ignored anywhere in the file: they carry no request, and they
+  never reach the remote because shards are rewritten line by line.
+- CRLF line endings are accepted and kept: the shard line is byte-for-byte the input line ("\\r"
+  is JSON whitespace, so the remote parses it). A last line without its newline gets "\\n".
+- Line limit: a line (with its newline) longer than `min(max_line_bytes, max_bytes)` is refused.
+  The remote documents no per-line limit, so the only hard bound is that a request must fit in an
+  upload file (200 MB). Memory is constant in the number of lines, but one huge line is held in
+  memory (and parsed) while it is checked.
+- Unknown top-level keys are refused: the remote rejects them.
+- Uniqueness of custom ids is tracked as a set of 60-bit hashes (about 65 MB per million ids, half
+  of a set of str); a repeated hash is only a suspect, confirmed or cleared by an exact second pass
+  over the file, so a hash collision never reports a false duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+__all__ = [
+    "ENDPOINTS",
+    "InputError",
+    "Limits",
+    "PreparedInput",
+    "Problem",
+    "Shard",
+    "check_endpoint",
+    "iter_shard_requests",
+    "prepare_input",
+]
+
+ENDPOINTS: frozenset[str] = frozenset(
+    {
+        "/v1/responses",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/completions",
+        "/v1/moderations",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/videos",
+    }
+)
+# Moderations pick a default model when none is given; every other endpoint needs one.
+_MODEL_OPTIONAL: frozenset[str] = frozenset({"/v1/moderations"})
+_EMBEDDINGS = "/v1/embeddings"
+_KEYS: frozenset[str] = frozenset({"custom_id", "method", "url", "body"})
+_KEY_ORDER = ("custom_id", "method", "url", "body")
+
+MAX_KEPT_PROBLEMS = 20
+# More models than this open at once: the least recently used shard is closed early, so file
+# handles and write buffers stay bounded whatever the file holds.
+MAX_OPEN_SHARDS = 32
+_HASH_MASK = (1 << 60) - 1  # 60 bits: the int fits CPython's 2-digit (32-byte) int object
+_READ_BUFFER = 1 << 20
+_SHARD_BUFFER = 1 << 18
+_IDS_BUFFER = 1 << 16
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Raise ValueError unless `endpoint` is a batch endpoint the remote knows."""
+    if endpoint not in ENDPOINTS:
+        known = ", ".join(sorted(ENDPOINTS))
+        raise ValueError(f"unknown endpoint {endpoint!r}; known endpoints: {known}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_requests: int = 50_000  # per shard (remote: 50,000 per batch file)
+    max_bytes: int = 200 * 1024 * 1024  # per shard file (remote: 200 MB)
+    max_embedding_inputs: int = 50_000  # embeddings: inputs in all per shard
+    # No per-line limit is documented; a line must at least fit in one upload file.
+    max_line_bytes: int = 200 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "max_bytes", "max_embedding_inputs", "max_line_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be at least 1")
+
+
+@dataclass
+class Problem:
+    line: int  # 1-based; 0 for a problem of the whole file
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}" if self.line else self.message
+
+
+class InputError(Exception):
+    """The input file was refused; `problems` holds the first ones (in line order), `total` all."""
+
+    def __init__(self, source: Path, problems: list[Problem], total: int | None = None) -> None:
+        self.source = source
+        self.problems = problems[:MAX_KEPT_PROBLEMS]
+        self.total = len(problems) if total is None else total
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        noun = "problem" if self.total == 1 else "problems"
+        lines = [f"{self.source}: {self.total} {noun}"]
+        lines += [str(p) for p in self.problems]
+        more = self.total - len(self.problems)
+        if more > 0:
+            lines.append(f"… and {more} more {'problem' if more == 1 else 'problems'}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Shard:
+    index: int  # 0-based
+    path: Path  # upload-ready JSONL, lines byte-for-byte as in the input, each ending in "\n"
+    ids_path: Path  # custom ids in shard order, one orjson-encoded JSON string a line
+    positions_path: Path | None  # None when contiguous; else one input position a line
+    first_position: int  # input position of the shard's first line
+    requests: int
+    bytes: int
+    model: str | None
+    estimated_tokens: int  # rough: line bytes // 4, an over-estimate for the token budget
+
+
+@dataclass
+class PreparedInput:
+    staging_dir: Path
+    shards: list[Shard]
+    requests: int
+    bytes: int
+    models: list[str] = field(default_factory=list)
+
+    def move_to(self, dest: Path) -> PreparedInput:
+        """Rename the staging dir to `dest` (same file system) and return the moved input."""
+        self.staging_dir.rename(dest)
+
+        def moved(p: Path) -> Path:
+            return dest / p.relative_to(self.staging_dir)
+
+        shards = [
+            replace(
+                s,
+                path=moved(s.path),
+                ids_path=moved(s.ids_path),
+                positions_path=None if s.positions_path is None else moved(s.positions_path),
+            )
+            for s in self.shards
+        ]
+        return replace(self, staging_dir=dest, shards=shards)
+
+
+def iter_shard_requests(shard: Shard) -> Iterator[tuple[int, str]]:
+    """Yield (input position, custom_id) for each line of the shard, in shard order."""
+    loads = orjson.loads
+    with open(shard.ids_path, "rb", buffering=_READ_BUFFER) as ids:
+        if shard.positions_path is None:
+            for i, line in enumerate(ids, shard.first_position):
+                yield i, loads(line)
+            return
+        with open(shard.positions_path, "rb", buffering=_READ_BUFFER) as positions:
+            for line, pos in zip(ids, positions, strict=True):
+                yield int(pos), loads(line)
+
+
+class _Problems:
+    """Counts every problem, keeps the first few."""
+
+    def __init__(self) -> None:
+        self.kept: list[Problem] = []
+        self.total = 0
+
+    def add(self, line: int, message: str) -> None:
+        self.total += 1
+        if len(self.kept) < MAX_KEPT_PROBLEMS:
+            self.kept.append(Problem(line, message))
+
+
+class _OpenShard:
+    __slots__ = (
+        "bytes",
+        "f",
+        "first_position",
+        "ids_f",
+        "ids_path",
+        "index",
+        "inputs",
+        "model",
+        "next_position",
+        "path",
+        "pos_f",
+        "positions_path",
+        "requests",
+    )
+
+    def __init__(self, staging: Path, index: int, model: str | None, position: int) -> None:
+        self.index = index
+        self.model = model
+        self.path = staging / f"shard-{index:05d}.jsonl"
+        self.ids_path = staging / f"shard-{index:05d}.ids"
+        self.positions_path = staging / f"shard-{index:05d}.positions"
+        self.f: BinaryIO = open(self.path, "xb", buffering=_SHARD_BUFFER)  # noqa: SIM115
+        self.ids_f: BinaryIO = open(self.ids_path, "xb", buffering=_IDS_BUFFER)  # noqa: SIM115
+        self.pos_f: BinaryIO | None = None  # opened at the first gap
+        self.first_position = position
+        self.next_position = position
+        self.requests = 0
+        self.bytes = 0
+        self.inputs = 0
+
+    def start_positions(self, next_position: int) -> Callable[[bytes], object]:
+        """The next line does not follow the previous one: record positions from now on.
+
+        Writes the contiguous run so far and returns the positions file's write.
+        """
+        self.pos_f = open(self.positions_path, "xb", buffering=_IDS_BUFFER)  # noqa: SIM115
+        for p in range(self.first_position, next_position):
+            self.pos_f.write(b"%d\n" % p)
+        return self.pos_f.write
+
+    def close(self, sync: bool) -> Shard:
+        files = [self.f, self.ids_f] + ([self.pos_f] if self.pos_f else [])
+        for f in files:
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+            f.close()
+        return Shard(
+            index=self.index,
+            path=self.path,
+            ids_path=self.ids_path,
+            positions_path=self.positions_path if self.pos_f else None,
+            first_position=self.first_position,
+            requests=self.requests,
+            bytes=self.bytes,
+            model=self.model,
+            estimated_tokens=self.bytes // 4,
+        )
+
+    def abandon(self) -> None:
+        for f in (self.f, self.ids_f, self.pos_f):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+
+
+def _iter_lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """Yield (1-based line number, line ending in "\\n") for each non-blank line; None for a line
+    over `limit`. Mirrors the reading loop of `_prepare`, which is inlined there for speed.
+    """
+    readline = f.readline
+    lineno = 0
+    while True:
+        raw = readline(limit)
+        if not raw:
+            return
+        lineno += 1
+        if raw[-1] != 10:
+            if len(raw) >= limit:
+                while raw and raw[-1] != 10:
+                    raw = readline(_READ_BUFFER)
+                yield lineno, None
+                continue
+            raw += b"\n"
+        if raw.isspace():
+            continue
+        yield lineno, raw
+
+
+def _short(value: object) -> str:
+    """A parsed JSON value, as JSON, cut to a readable length."""
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_problem(raw: bytes, err: orjson.JSONDecodeError) -> str:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as u:
+        return f"not valid UTF-8 (byte {u.start + 1})"
+    return f"not valid JSON: {err.msg} (column {err.colno})"
+
+
+def _embedding_inputs(body: dict[str, object]) -> int:
+    inp = body.get("input")
+    # A list of ints is one token array; any other list holds one input per item.
+    if isinstance(inp, list) and inp and not isinstance(inp[0], int):
+        return len(inp)
+    return 1
+
+
+def prepare_input(
+    source: Path,
+    endpoint: str,
+    staging_dir: Path,
+    limits: Limits = Limits(),
+    *,
+    sync: bool = True,
+) -> PreparedInput:
+    """Validate `source` and write its shards into `staging_dir` (created; must be empty).
+
+    Raises InputError (after scanning the whole file) when the file or any line is refused, and
+    then removes everything it wrote, `staging_dir` included. With `sync`, shard files and the
+    directory are fsynced before returning, so a caller can commit rows that point at them.
+    """
+    check_endpoint(endpoint)
+    source = Path(source)
+    staging_dir = Path(staging_dir)
+    try:
+        f = open(source, "rb", buffering=_READ_BUFFER)  # noqa: SIM115
+    except OSError as e:
+        raise InputError(source, [Problem(0, f"cannot read the file: {e.strerror or e}")]) from e
+    with f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise InputError(source, [Problem(0, "not a regular file")])
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        if any(staging_dir.iterdir()):
+            raise FileExistsError(f"staging dir {staging_dir} is not empty")
+        open_shards: dict[str | None, _OpenShard] = {}
+        try:
+            return _prepare(f, source, endpoint, staging_dir, limits, sync, open_shards)
+        except BaseException:
+            for sh in open_shards.values():
+                sh.abandon()
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            raise
+
+
+def _check_line(
+    obj: dict[str, object], endpoint: str, model_required: bool, embeddings: bool, max_inputs: int
+) -> tuple[list[str], str | None, str | None, int]:
+    """The slow path: every problem of one parsed line, with its usable custom_id, model, inputs."""
+    out: list[str] = []
+    missing = [k for k in _KEY_ORDER if k not in obj]
+    if missing:
+        out.append("missing " + ", ".join(missing))
+    extra = [k for k in obj if k not in _KEYS]
+    if extra:
+        out.append(
+            f"unknown key{'s' if len(extra) > 1 else ''} "
+            + ", ".join(_short(k) for k in extra)
+            + " (allowed: custom_id, method, url, body)"
+        )
+    cid = obj.get("custom_id")
+    if "custom_id" in obj and (type(cid) is not str or not cid):
+        out.append(f"custom_id must be a non-empty string, not {_short(cid)}")
+    if "method" in obj and obj["method"] != "POST":
+        out.append(f'method must be "POST", not {_short(obj["method"])}')
+    if "url" in obj and obj["url"] != endpoint:
+        out.append(f"url {_short(obj['url'])} does not match the endpoint {endpoint}")
+    body = obj.get("body")
+    model = None
+    inputs = 0
+    if type(body) is dict:
+        model = body.get("model")
+        if model is None and not model_required:
+            pass
+        elif model is None:
+            out.append("body.model is missing")
+        elif type(model) is not str or not model:
+            out.append(f"body.model must be a non-empty string, not {_short(model)}")
+        if embeddings:
+            inputs = _embedding_inputs(body)
+            if inputs > max_inputs:
+                out.append(f"body.input holds {inputs} inputs, more than {max_inputs} allowed")
+    elif "body" in obj:
+        out.append(f"body must be a JSON object, not {_json_type(body)}")
+    return (
+        out,
+        cid if type(cid) is str and cid else None,
+        model if type(model) is str else None,
+        inputs,
+    )
+
+
+def _prepare(
+    f: BinaryIO,
+    source: Path,
+    endpoint: str,
+    staging: Path,
+    limits: Limits,
+    sync: bool,
+    open_shards: dict[str | None, _OpenShard],
+) -> PreparedInput:
+    max_line = min(limits.max_line_bytes, limits.max_bytes)
+    max_requests, max_bytes = limits.max_requests, limits.max_bytes
+    max_inputs = limits.max_embedding_inputs
+    model_required = endpoint not in _MODEL_OPTIONAL
+    embeddings = endpoint == _EMBEDDINGS
+    problems = _Problems()
+    add = problems.add
+    failed = False  # once a line fails, shards are no longer written: the file fails anyway
+    loads, dumps, JSONDecodeError = orjson.loads, orjson.dumps, orjson.JSONDecodeError
+    nl_opt = orjson.OPT_APPEND_NEWLINE
+    mask = _HASH_MASK
+    seen: set[int] = set()
+    suspects: set[int] = set()
+    done: list[Shard] = []
+    models: dict[str, None] = {}  # first-appearance order
+    seen_add = seen.add
+    next_index = 0
+    position = 0  # request ordinal of the current line
+    cur: _OpenShard | None = None
+    cur_model: str | None = None
+    c_req = c_bytes = c_in = c_next = 0
+    c_write = c_ids_write = c_pos_write = None
+
+    # Same reading as `_iter_lines`, inlined: a generator costs a tenth of the per-line budget.
+    # readline(limit) returns at most `limit` bytes, so an overlong line never sits in memory
+    # whole; it is skipped in chunks. `limit` counts the newline, present or added.
+    readline = f.readline
+    lineno = 0
+    while True:
+        raw = readline(max_line)
+        if not raw:
+            break
+        lineno += 1
+        if raw[-1] != 10:  # b"\n"
+            if len(raw) >= max_line:
+                while raw and raw[-1] != 10:
+                    raw = readline(_READ_BUFFER)
+                add(lineno, f"line longer than {max_line} bytes")
+                failed = True
+                continue
+            raw += b"\n"  # the last line, without its newline
+        if raw.isspace():
+            continue  # blank lines carry no request
+        try:
+            obj = loads(raw)
+        except JSONDecodeError as e:
+            add(lineno, _json_problem(raw, e))
+            failed = True
+            continue
+        if type(obj) is not dict:
+            add(lineno, f"not a JSON object but {_json_type(obj)}")
+            failed = True
+            continue
+
+        # Fast path: a well-formed line, checked in one expression (four keys, and these four
+        # present, is exactly the allowed set); anything else is re-checked by `_check_line`.
+        cid = obj.get("custom_id")
+        body = obj.get("body")
+        if (
+            len(obj) == 4
+            and type(cid) is str
+            and cid
+            and obj.get("method") == "POST"
+            and obj.get("url") == endpoint
+            and type(body) is dict
+            and type(model := body.get("model")) is str
+            and model
+        ):
+            inputs = _embedding_inputs(body) if embeddings else 0
+            if inputs > max_inputs:
+                add(lineno, f"body.input holds {inputs} inputs, more than {max_inputs} allowed")
+                failed = True
+        else:
+            messages, cid, model, inputs = _check_line(
+                obj, endpoint, model_required, embeddings, max_inputs
+            )
+            for message in messages:
+                add(lineno, message)
+            if messages:
+                failed = True
+        if cid is not None:
+            # One probe of the set: a repeated hash leaves its size unchanged. A suspect is
+            # confirmed or cleared by the exact pass below; the line is still written, so a
+            # cleared hash collision leaves the shards whole.
+            n_seen = len(seen)
+            seen_add(hash(cid) & mask)
+            if len(seen) == n_seen:
+                suspects.add(hash(cid) & mask)
+        if failed:
+            position += 1
+            continue
+
+        # The current shard's counters live in locals while lines keep coming for its model
+        # (the common case); they go back into the object when the model changes.
+        size = len(raw)
+        if cur is None or model != cur_model:
+            if cur is not None:
+                cur.requests, cur.bytes, cur.inputs, cur.next_position = (
+                    c_req,
+                    c_bytes,
+                    c_in,
+                    c_next,
+                )
+            cur = open_shards.get(model)
+            cur_model = model
+            if cur is not None:
+                c_req, c_bytes, c_in, c_next = (
+                    cur.requests,
+                    cur.bytes,
+                    cur.inputs,
+                    cur.next_position,
+                )
+                c_write, c_ids_write = cur.f.write, cur.ids_f.write
+                c_pos_write = cur.pos_f.write if cur.pos_f is not None else None
+        if cur is not None and (
+            c_req >= max_requests or c_bytes + size > max_bytes or c_in + inputs > max_inputs
+        ):
+            cur.requests, cur.bytes, cur.inputs, cur.next_position = c_req, c_bytes, c_in, c_next
+            done.append(open_shards.pop(model).close(sync))
+            cur = None
+        if cur is None:
+            if len(open_shards) >= MAX_OPEN_SHARDS:
+                oldest = min(open_shards, key=lambda m: open_shards[m].next_position)
+                done.append(open_shards.pop(oldest).close(sync))
+            cur = open_shards[model] = _OpenShard(staging, next_index, model, position)
+            cur_model = model
+            next_index += 1
+            if model is not None:
+                models[model] = None
+            c_req = c_bytes = c_in = 0
+            c_next = position
+            c_write, c_ids_write, c_pos_write = cur.f.write, cur.ids_f.write, None
+        elif position != c_next and c_pos_write is None:
+            c_pos_write = cur.start_positions(c_next)
+        if c_pos_write is not None:
+            c_pos_write(b"%d\n" % position)
+        c_write(raw)
+        c_ids_write(dumps(cid, option=nl_opt))
+        c_req += 1
+        c_bytes += size
+        c_in += inputs
+        position += 1
+        c_next = position
+
+    if cur is not None:
+        cur.requests, cur.bytes, cur.inputs, cur.next_position = c_req, c_bytes, c_in, c_next
+    del seen  # free it before the exact pass
+    if position == 0 and not problems.total:
+        add(0, "the file holds no requests")
+    if suspects:
+        _confirm_duplicates(source, max_line, suspects, problems)
+    if problems.total:
+        raise InputError(source, problems.kept, problems.total)
+    for model in list(open_shards):
+        done.append(open_shards.pop(model).close(sync))
+    done.sort(key=lambda s: s.index)
+    if sync:
+        fd = os.open(staging, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return PreparedInput(
+        staging_dir=staging,
+        shards=done,
+        requests=position,
+        bytes=sum(s.bytes for s in done),
+        models=list(models),
+    )
+
+
+def _confirm_duplicates(
+    source: Path, max_line: int, suspects: set[int], problems: _Problems
+) -> None:
+    """Second pass: find which suspect hashes are true duplicates, naming the first occurrence.
+
+    Merges the duplicate problems with the first pass's ones, keeping line order.
+    """
+    first_line: dict[str, int] = {}
+    dups = _Problems()
+    with open(source, "rb", buffering=_READ_BUFFER) as f:
+        for lineno, raw in _iter_lines(f, max_line):
+            if raw is None:
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if type(obj) is not dict:
+                continue
+            cid = obj.get("custom_id")
+            if type(cid) is not str or not cid or (hash(cid) & _HASH_MASK) not in suspects:
+                continue
+            first = first_line.setdefault(cid, lineno)
+            if first != lineno:
+                dups.add(lineno, f"duplicate custom_id {_short(cid)} (first on line {first})")
+    if dups.total:
+        merged = sorted(problems.kept + dups.kept, key=lambda p: p.line)
+        problems.kept = merged[:MAX_KEPT_PROBLEMS]
+        problems.total += dups.total
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
