@@ -122,6 +122,7 @@ def test_failed_deliveries_are_retried_with_the_same_webhook_id() -> None:
             em.webhooks.backoff = 0.01  # type: ignore[union-attr]
             create(em, add_input(em, [chat_line(1)]))
             receiver.wait(1)
+            assert em.webhooks is not None and em.webhooks.wait_idle(10)
             stats = em.stats()["webhooks"]
         assert [r[2] for r in receiver.received] == [500, 500, 200]
         assert len({r[0]["webhook-id"] for r in receiver.received}) == 1
