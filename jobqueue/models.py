@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    Text,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 metadata = SQLModel.metadata
@@ -161,3 +170,84 @@ jobs_table = JobRow.__table__  # type: ignore[attr-defined]
 batches_table = BatchRow.__table__  # type: ignore[attr-defined]
 requests_table = RequestRow.__table__  # type: ignore[attr-defined]
 events_table = EventRow.__table__  # type: ignore[attr-defined]
+
+
+# -- hook deliveries ------------------------------------------------------------------------
+# One row per (event, sink): the dispatcher fans events out into deliveries, claims them with a
+# lease, and records every attempt. `sink_cursors` remembers how far fan-out got for each sink.
+
+_SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class DeliveryRow(SQLModel, table=True):
+    """One event for one sink: `pending` until delivered, or `dead` after its last attempt."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        # Also the index on `event_seq` (its leading column): fan-out is idempotent through it.
+        UniqueConstraint("event_seq", "sink"),
+        # "Next due deliveries of a sink": equality on sink and status, range on the time.
+        Index("ix_deliveries_sink_status_next_attempt_at", "sink", "status", "next_attempt_at"),
+        # "Is an earlier delivery of this job still pending for this sink?" (in order per job).
+        Index("ix_deliveries_sink_job_id_event_seq", "sink", "job_id", "event_seq"),
+        Index("ix_deliveries_event_id", "event_id"),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(_SEQ_TYPE, primary_key=True, autoincrement=True)
+    )
+    event_seq: int = Field(
+        sa_column=Column(_SEQ_TYPE, ForeignKey("events.seq", ondelete="CASCADE"), nullable=False)
+    )
+    event_id: str = Field(max_length=64)
+    job_id: str | None = Field(default=None, max_length=64)
+    sink: str = Field(max_length=1024)
+    status: str = Field(max_length=16)
+    attempts: int = 0
+    next_attempt_at: float
+    last_error: str | None = Field(default=None, max_length=1024)
+    lease_owner: str | None = Field(default=None, max_length=128)
+    lease_until: float | None = None
+    created_at: float
+    updated_at: float
+    delivered_at: float | None = None
+
+
+class DeliveryAttemptRow(SQLModel, table=True):
+    """One attempt at a delivery: when, by whom, and how it ended."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: int | None = Field(
+        default=None, sa_column=Column(_SEQ_TYPE, primary_key=True, autoincrement=True)
+    )
+    delivery_id: int = Field(
+        sa_column=Column(
+            _SEQ_TYPE,
+            ForeignKey("deliveries.id", ondelete="CASCADE"),
+            nullable=False,
+            index=True,
+        )
+    )
+    attempt: int
+    owner: str = Field(max_length=128)
+    started_at: float
+    finished_at: float
+    ok: bool
+    error: str | None = Field(default=None, max_length=1024)
+    status_code: int | None = None
+
+
+class SinkCursorRow(SQLModel, table=True):
+    """How far fan-out got for a sink: every event up to `last_seq` has its delivery rows."""
+
+    __tablename__ = "sink_cursors"
+
+    sink: str = Field(primary_key=True, max_length=1024)
+    last_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    updated_at: float
+
+
+deliveries_table = DeliveryRow.__table__  # type: ignore[attr-defined]
+delivery_attempts_table = DeliveryAttemptRow.__table__  # type: ignore[attr-defined]
+sink_cursors_table = SinkCursorRow.__table__  # type: ignore[attr-defined]

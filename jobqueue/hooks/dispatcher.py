@@ -1,0 +1,480 @@
+"""The transactional-outbox dispatcher: events in the database, delivered at least once.
+
+Each round (`run_once`) does three things, none of them holding a transaction while a sink runs:
+
+1. Fan-out. For every sink, the events past its cursor whose type matches its patterns become
+   `pending` deliveries, and the cursor moves on, in one transaction. A sink seen for the first
+   time starts at the newest event (only new events reach it) unless it replays.
+2. Claim. The due pending deliveries of each sink, oldest first, but only the head of each job's
+   queue (an earlier pending delivery of the same job and sink holds the later ones back), are
+   leased to this dispatcher (`lease_owner`, `lease_until`).
+3. Deliver. Outside any transaction, on a shared thread pool, with a per-sink limit on lanes so
+   a slow or dead sink occupies a bounded share of the workers; each attempt is then recorded,
+   with the delivery's new state, in one transaction guarded by the lease.
+
+At least once: a dispatcher killed after delivering but before recording leaves the lease to
+run out; the delivery is then claimed again (by any dispatcher with that sink) and repeated.
+Receivers deduplicate by event id (`webhook-id`).
+
+The sequence gap problem: on PostgreSQL, `events.seq` values are taken when a row is inserted
+but become visible at commit, so a transaction may commit seq 12 before another commits seq 11.
+Fan-out therefore only advances a cursor over a contiguous run of seqs; a gap holds it back
+until the gap is `gap_grace` seconds old (a rolled-back transaction leaves a gap forever), and
+a gap passed over that fills in later (a long transaction) is still fanned out while this
+dispatcher remembers it (`late_window`). SQLite serialises writers, so it has no such gaps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from jobqueue.hooks import outbox
+from jobqueue.hooks.outbox import DEAD, DELIVERED, PENDING, Claimed, Delivery
+from jobqueue.hooks.patterns import matches
+from jobqueue.hooks.sinks import DeliveryError, Sink, backoff, event_body
+from jobqueue.logs import get_logger
+from jobqueue.records import Event
+from jobqueue.store import Store
+
+__all__ = ["Dispatcher"]
+
+log = get_logger("jobqueue.hooks")
+
+_HTTP_STATUS = re.compile(r"^HTTP (\d{3})\b")
+# Gaps wider than this are timed as one unit (by their first seq), not seq by seq.
+_MAX_TRACKED_GAP = 10_000
+
+
+class Dispatcher:
+    """Delivers outbox events to `sinks` on behalf of `owner` (unique per dispatcher).
+
+    `batch_size` bounds the deliveries claimed per sink and round, `workers` the threads that
+    deliver, `sink_concurrency` the lanes one sink may use at once (default: all workers with a
+    single sink, else half of them; a sink's own `concurrency` attribute wins). A sink attribute
+    `replay = True` (or `replay=True` here) makes a new sink start from the first stored event.
+    `backoff_base`/`backoff_cap` shape the retry delays (`jobqueue.hooks.sinks.backoff`).
+    `clock` is the wall clock for every stored time; tests inject their own.
+
+    The dispatcher does not own the sinks: whoever built them closes them.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        sinks: Sequence[Sink],
+        owner: str,
+        *,
+        batch_size: int = 100,
+        lease_seconds: float = 60.0,
+        workers: int = 4,
+        clock: Callable[[], float] = time.time,
+        sink_concurrency: int | None = None,
+        replay: bool = False,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        gap_grace: float = 30.0,
+        late_window: float = 3600.0,
+        fan_out_limit: int = 1000,
+    ) -> None:
+        names = [sink.name for sink in sinks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"sink names must be unique; repeated: {', '.join(duplicates)}")
+        if batch_size < 1 or workers < 1 or lease_seconds <= 0:
+            raise ValueError("batch_size, workers and lease_seconds must be positive")
+        self.store = store
+        self.sinks = list(sinks)
+        self.owner = owner
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.workers = workers
+        self.clock = clock
+        self.replay = replay
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.gap_grace = gap_grace
+        self.late_window = late_window
+        self.fan_out_limit = fan_out_limit
+        default_lanes = workers if len(self.sinks) == 1 else max(1, workers // 2)
+        self._lane_limit = {
+            sink.name: max(
+                1,
+                min(
+                    workers, getattr(sink, "concurrency", None) or sink_concurrency or default_lanes
+                ),
+            )
+            for sink in self.sinks
+        }
+        self._names = names
+        self._lock = threading.Lock()
+        self._lanes = dict.fromkeys(names, 0)
+        self._active = 0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._cursors_ready = False
+        self._gaps: dict[int, float] = {}  # missing seq -> when first seen
+        self._skipped: dict[tuple[int, int], float] = {}  # seq range passed over -> when
+        self._late_seen: set[int] = set()
+        self._rotation = itertools.count()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jobqueue-hook")
+        self.stats = {"delivered": 0, "failed": 0, "dead": 0, "lost_lease": 0, "late_events": 0}
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Run the next round now (call it after committing new events)."""
+        self._wake.set()
+
+    def run_once(self, *, wait: bool = True) -> int:
+        """One round: fan out, claim, deliver. Returns the deliveries attempted (claimed).
+
+        With `wait=True` (tests, one-shot use) it returns when this round's attempts are
+        recorded; `run_forever` uses `wait=False`, so a slow sink never delays the next round.
+        """
+        if self._stopping.is_set() or not self.sinks:
+            return 0
+        self.fan_out()
+        futures, claimed = self._dispatch()
+        if not wait:
+            return claimed
+        return sum(future.result() for future in futures)
+
+    def run_forever(self, stop: threading.Event, interval: float = 1.0) -> None:
+        """Rounds until `stop` is set: at once when woken, else every `interval` seconds at most."""
+        failures = 0
+        while not stop.is_set() and not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                self.run_once(wait=False)
+                timeout = self._idle_timeout(interval)
+                failures = 0
+            except Exception:
+                failures += 1
+                log.exception("hook dispatcher round failed", owner=self.owner)
+                timeout = min(30.0, interval * 2**failures)
+            deadline = time.monotonic() + timeout
+            while not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._wake.wait(min(left, 0.2)):
+                    break
+
+    def _idle_timeout(self, interval: float) -> float:
+        with self.store.read() as conn:
+            due = outbox.next_due(conn, self._names)
+        now = self.clock()
+        # Past due but not claimed: held back behind its job's head, or no free lane; either
+        # way a lane finishing wakes us. Future due (a retry backoff): sleep until then.
+        if due is None or due <= now:
+            return interval
+        return max(0.001, min(interval, due - now))
+
+    def close(self) -> None:
+        """Stop: lanes finish the attempt they are in and give back what they had claimed."""
+        self._stopping.set()
+        self._wake.set()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Dispatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- fan-out --------------------------------------------------------------------------------
+
+    def fan_out(self) -> int:
+        """Turn new matching events into pending deliveries; returns how many were added."""
+        if not self.sinks:
+            return 0
+        store = self.store
+        if not self._cursors_ready:
+            with store.write() as conn:
+                outbox.ensure_cursors(
+                    conn,
+                    store.dialect,
+                    {s.name: bool(getattr(s, "replay", self.replay)) for s in self.sinks},
+                    self.clock(),
+                )
+            self._cursors_ready = True
+        added = 0
+        for _ in range(100):  # bounded: the rest waits for the next round
+            now = self.clock()
+            ranges = self._late_ranges(now)
+            with store.read() as conn:
+                cursors = outbox.cursors(conn, self._names)
+                if len(cursors) < len(self._names):  # a cursor row vanished: recreate it
+                    self._cursors_ready = False
+                    return added
+                low = min(cursors.values())
+                rows = outbox.event_window(conn, low, self.fan_out_limit)
+                late = outbox.events_in_ranges(conn, ranges) if ranges else []
+            horizon = self._horizon(low, [row.seq for row in rows], now)
+            late = [row for row in late if row.seq <= horizon and row.seq not in self._late_seen]
+            planned: list[dict[str, Any]] = []
+            for sink in self.sinks:
+                cursor = cursors[sink.name]
+                for row in rows:
+                    if cursor < row.seq <= horizon and matches(sink.patterns, row.type):
+                        planned.append(_plan(row, sink.name))
+                for row in late:
+                    if row.seq <= cursor and matches(sink.patterns, row.type):
+                        planned.append(_plan(row, sink.name))
+            advance = [name for name, cursor in cursors.items() if horizon > cursor]
+            if planned or advance:
+                with store.write() as conn:
+                    outbox.insert_deliveries(conn, store.dialect, planned, now)
+                    for name in advance:
+                        outbox.advance_cursor(conn, name, horizon, now)
+                added += len(planned)
+            for row in late:
+                self._late_seen.add(row.seq)
+                self._count("late_events")
+                log.warning(
+                    "event committed after fan-out passed its seq; delivered late",
+                    seq=row.seq,
+                    event_id=row.id,
+                )
+            if len(rows) < self.fan_out_limit or not rows or horizon < rows[-1].seq:
+                break
+        return added
+
+    def _horizon(self, low: int, seqs: list[int], now: float) -> int:
+        """The highest seq fan-out may pass: contiguous from `low`, gaps only once old enough."""
+        horizon = low
+        for seq in seqs:
+            if seq > horizon + 1:
+                first, last = horizon + 1, seq - 1
+                if last - first >= _MAX_TRACKED_GAP:
+                    seen = self._gaps.setdefault(first, now)
+                else:
+                    seen = max(self._gaps.setdefault(m, now) for m in range(first, last + 1))
+                if now - seen < self.gap_grace:
+                    break
+                log.warning("passing over a gap in event seqs", first=first, last=last)
+                self._skipped[(first, last)] = now
+            horizon = seq
+        for missing in [m for m in self._gaps if m <= horizon]:
+            del self._gaps[missing]
+        return horizon
+
+    def _late_ranges(self, now: float) -> list[tuple[int, int]]:
+        for key in [k for k, when in self._skipped.items() if now - when > self.late_window]:
+            del self._skipped[key]
+            self._late_seen.difference_update(range(key[0], key[1] + 1))
+        return list(self._skipped)
+
+    # -- claim and deliver ----------------------------------------------------------------------
+
+    def _lease_for(self, sink: Sink) -> float:
+        # A lease must outlast at least one attempt, or a slow sink would be claimed twice.
+        return max(self.lease_seconds, 2 * sink.timeout)
+
+    def _dispatch(self) -> tuple[list[Future[int]], int]:
+        if self._stopping.is_set():
+            return [], 0
+        with self._lock:
+            if self._active >= self.workers:
+                return [], 0
+        now = self.clock()
+        with self.store.read() as conn:
+            due = outbox.due_sinks(conn, self._names, now)
+        if not due:
+            return [], 0
+        start = next(self._rotation) % len(self.sinks)
+        futures: list[Future[int]] = []
+        claimed_total = 0
+        for sink in self.sinks[start:] + self.sinks[:start]:  # take turns at the free workers
+            if sink.name not in due:
+                continue
+            with self._lock:
+                free = min(
+                    self._lane_limit[sink.name] - self._lanes[sink.name],
+                    self.workers - self._active,
+                )
+            if free <= 0:
+                continue
+            lease_until = now + self._lease_for(sink)
+            with self.store.write() as conn:
+                claimed = outbox.claim(
+                    conn,
+                    self.store.dialect,
+                    sink.name,
+                    self.owner,
+                    now,
+                    lease_until,
+                    self.batch_size,
+                )
+            if not claimed:
+                continue
+            claimed_total += len(claimed)
+            lanes = min(free, len(claimed))
+            with self._lock:
+                self._lanes[sink.name] += lanes
+                self._active += lanes
+            for index in range(lanes):
+                futures.append(self._pool.submit(self._lane, sink, claimed[index::lanes]))
+        return futures, claimed_total
+
+    def _lane(self, sink: Sink, items: list[Claimed]) -> int:
+        attempted = 0
+        try:
+            for index, item in enumerate(items):
+                # Don't start an attempt the lease may not cover: give the rest back.
+                if self._stopping.is_set() or self.clock() + sink.timeout >= item.lease_until:
+                    self._release(items[index:])
+                    break
+                self._attempt(sink, item)
+                attempted += 1
+        except Exception:
+            log.exception("hook delivery lane failed", sink=sink.name)
+        finally:
+            with self._lock:
+                self._lanes[sink.name] -= 1
+                self._active -= 1
+            self._wake.set()
+        return attempted
+
+    def _attempt(self, sink: Sink, item: Claimed) -> None:
+        payload = Event.from_row(item.event).to_payload()
+        error: str | None = None
+        retryable, retry_after, status_code = True, None, None
+        started = self.clock()
+        try:
+            sink.deliver(payload, event_body(payload))
+        except DeliveryError as exc:
+            error, retryable, retry_after = exc.message, exc.retryable, exc.retry_after
+            status_code = getattr(exc, "status_code", None) or _http_status(exc.message)
+        except Exception as exc:  # a sink bug is a failed attempt, not a dead dispatcher
+            error = f"{type(exc).__name__}: {exc}"
+        finished = self.clock()
+        attempt = item.attempts + 1
+        if error is None:
+            status, next_at = DELIVERED, finished
+        elif not retryable or attempt >= sink.max_attempts:
+            status, next_at = DEAD, finished
+        else:
+            delay = (
+                min(retry_after, 86400.0)
+                if retry_after is not None
+                else backoff(attempt, base=self.backoff_base, cap=self.backoff_cap)
+            )
+            status, next_at = PENDING, finished + delay
+        self._record(sink, item, started, finished, error, status_code, status, next_at)
+
+    def _record(
+        self,
+        sink: Sink,
+        item: Claimed,
+        started: float,
+        finished: float,
+        error: str | None,
+        status_code: int | None,
+        status: str,
+        next_at: float,
+    ) -> None:
+        try:
+            with self.store.write() as conn:
+                kept = outbox.record_attempt(
+                    conn,
+                    item,
+                    self.owner,
+                    started_at=started,
+                    finished_at=finished,
+                    ok=error is None,
+                    error=error,
+                    status_code=status_code,
+                    status=status,
+                    next_attempt_at=next_at,
+                )
+        except Exception:
+            # Not recorded: the lease runs out and the delivery is attempted again.
+            log.exception("cannot record hook delivery attempt", sink=sink.name)
+            return
+        if not kept:
+            self._count("lost_lease")
+            log.warning(
+                "hook delivery lease lost before recording",
+                sink=sink.name,
+                event_id=item.event.id,
+            )
+            return
+        if status == DELIVERED:
+            self._count("delivered")
+            return
+        self._count("failed")
+        if status == DEAD:
+            self._count("dead")
+            log.warning(
+                "hook delivery dead-lettered",
+                sink=sink.name,
+                event_id=item.event.id,
+                attempts=item.attempts + 1,
+                error=error,
+            )
+        else:
+            log.info(
+                "hook delivery failed; will retry",
+                sink=sink.name,
+                event_id=item.event.id,
+                attempt=item.attempts + 1,
+                retry_in=round(next_at - finished, 3),
+                error=error,
+            )
+
+    def _release(self, items: list[Claimed]) -> None:
+        try:
+            with self.store.write() as conn:
+                for item in items:
+                    outbox.release(conn, item.id, self.owner, item.lease_until)
+        except Exception:
+            log.exception("cannot release hook deliveries; their leases will run out")
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
+
+    # -- queries and control ----------------------------------------------------------------------
+
+    def redeliver(self, event_id: str, sink: str | None = None) -> int:
+        """Queue an event's dead or delivered deliveries again (attempts reset); how many."""
+        with self.store.write() as conn:
+            count = outbox.redeliver(conn, event_id, sink, self.clock())
+        if count:
+            self.wake()
+        return count
+
+    def dead_deliveries(self, job_id: str | None = None) -> list[Delivery]:
+        with self.store.read() as conn:
+            return outbox.dead_deliveries(conn, job_id)
+
+    def deliveries_for(self, job_id: str | None = None) -> list[Delivery]:
+        with self.store.read() as conn:
+            return outbox.deliveries_for(conn, job_id)
+
+    def pending_count(self) -> int:
+        with self.store.read() as conn:
+            return outbox.pending_count(conn, self._names)
+
+    def dead_count(self) -> int:
+        with self.store.read() as conn:
+            return outbox.dead_count(conn, self._names)
+
+    def outbox_backlog(self) -> int:
+        """Events not yet fanned out to at least one of this dispatcher's sinks."""
+        with self.store.read() as conn:
+            return outbox.backlog(conn, self._names)
+
+
+def _plan(row: Any, sink: str) -> dict[str, Any]:
+    return {"event_seq": row.seq, "event_id": row.id, "job_id": row.job_id, "sink": sink}
+
+
+def _http_status(message: str) -> int | None:
+    match = _HTTP_STATUS.match(message)
+    return int(match.group(1)) if match else None
