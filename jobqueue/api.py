@@ -8,10 +8,13 @@ job = jq.submit("requests.jsonl", endpoint="/v1/chat/completions")
 from __future__ import annotations
 
 import shutil
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
+
+import orjson
 
 from jobqueue import inputs
 from jobqueue.durations import parse_duration
@@ -19,8 +22,13 @@ from jobqueue.ids import new_id
 from jobqueue.lifecycle import request_cancel
 from jobqueue.logs import get_logger
 from jobqueue.records import Event, Job
+from jobqueue.results import iter_result_lines
 from jobqueue.settings import Settings, load_settings
 from jobqueue.store import Store
+
+if TYPE_CHECKING:
+    from jobqueue.daemon import Daemon
+    from jobqueue.providers.base import Provider
 
 log = get_logger("jobqueue.api")
 
@@ -70,8 +78,11 @@ class JobQueue:
         self.data_dir = Path(self.settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.settings.effective_database_url)
+        self._daemon: Daemon | None = None
+        self._changed = threading.Condition()
 
     def close(self) -> None:
+        self.stop()
         self.store.close()
 
     def __enter__(self) -> JobQueue:
@@ -122,8 +133,7 @@ class JobQueue:
         prepared = inputs.prepare_input(source, endpoint, staging, limits)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            staging.rename(final)
-            shards = [_moved(shard, staging, final) for shard in prepared.shards]
+            shards = prepared.move_to(final).shards
             batch_ids = [new_id("batch") for _ in shards]
             job = {
                 "id": job_id,
@@ -173,6 +183,8 @@ class JobQueue:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(final.parent, ignore_errors=True)
             raise
+        if self._daemon is not None:
+            self._daemon.wake("submit")
         log.debug(
             "job submitted",
             job_id=job_id,
@@ -255,6 +267,94 @@ class JobQueue:
                 for r in self.store.events(conn, job_id, after_seq=after, limit=limit)
             ]
 
+    # -- running the duties -----------------------------------------------------------------
+
+    def start(self, *, provider: Provider | None = None) -> None:
+        """Run the daemon's duties in background threads of this process."""
+        if self._daemon is not None:
+            return
+        from jobqueue.daemon import Daemon
+
+        self._daemon = Daemon(self.settings, self.store, provider)
+        self._daemon.start()
+
+    def stop(self) -> None:
+        """Stop the background duties: steps in hand finish, leases are released."""
+        daemon, self._daemon = self._daemon, None
+        if daemon is not None:
+            daemon.stop()
+
+    def run(self, stop: threading.Event | None = None, *, provider: Provider | None = None) -> None:
+        """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt)."""
+        from jobqueue.daemon import Daemon
+
+        daemon = Daemon(self.settings, self.store, provider)
+        try:
+            daemon.run_forever(stop or threading.Event())
+        except KeyboardInterrupt:
+            daemon.stop()
+
+    @property
+    def daemon(self) -> Daemon | None:
+        return self._daemon
+
+    def wait(self, job_id: str, timeout: float | None = None, *, poll: float = 0.2) -> Job:
+        """Block until the job ends; return it. Raises TimeoutError when `timeout` runs out.
+
+        Something must run the duties meanwhile: `start()` in this process, or a daemon.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job.done:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job.id} still {job.status} after {timeout}s")
+            time.sleep(
+                poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+            )
+
+    # -- results ----------------------------------------------------------------------------
+
+    def results(self, job_id: str, *, errors_only: bool = False) -> Iterator[dict[str, Any]]:
+        """One record per request, in input order, in the batch output line shape
+        (`custom_id`, `response`, `error`): the latest attempt's outcome. Requests that never
+        ran carry the `batch_cancelled` or `batch_expired` error."""
+        for line in self._result_lines(job_id, errors_only=errors_only):
+            yield orjson.loads(line)
+
+    def export_results(self, job_id: str, out: IO[bytes], *, errors_only: bool = False) -> int:
+        """Write the results as JSONL in input order to a binary stream; return lines written."""
+        written = 0
+        buffer: list[bytes] = []
+        for line in self._result_lines(job_id, errors_only=errors_only):
+            buffer.append(line)
+            if len(buffer) >= 4096:
+                out.write(b"\n".join(buffer) + b"\n")
+                written += len(buffer)
+                buffer.clear()
+        if buffer:
+            out.write(b"\n".join(buffer) + b"\n")
+            written += len(buffer)
+        return written
+
+    def _result_lines(self, job_id: str, *, errors_only: bool) -> Iterator[bytes]:
+        job = self.get(job_id)
+        paths = {
+            b.id: {
+                k: v
+                for k, v in (("output", b.output_path), ("error", b.error_path))
+                if v is not None
+            }
+            for b in self._batch_rows(job.id)
+        }
+        for _row, line in iter_result_lines(self.store, job.id, paths, errors_only=errors_only):
+            yield line
+
+    def _batch_rows(self, job_id: str) -> list[Any]:
+        with self.store.read() as conn:
+            return self.store.job_batches(conn, job_id)
+
     # -- control ----------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> Job:
@@ -266,23 +366,9 @@ class JobQueue:
             if row.status in ("queued", "running"):
                 remote = request_cancel(self.store, conn, row.id)
                 log.debug("job cancel requested", job_id=row.id, remote_batches=remote)
+                if remote and self._daemon is not None:
+                    self._daemon.wake("reconcile")
         return self.get(row.id)
-
-
-def _moved(shard: inputs.Shard, old: Path, new: Path) -> inputs.Shard:
-    """The shard with its paths re-rooted from the staging dir to the job's input dir."""
-
-    def move(path: Path | None) -> Path | None:
-        return None if path is None else new / path.relative_to(old)
-
-    return inputs.Shard(
-        **{
-            **shard.__dict__,
-            "path": move(shard.path),
-            "ids_path": move(shard.ids_path),
-            "positions_path": move(shard.positions_path),
-        }
-    )
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from jobqueue.api import JobQueue, JobQueueError
 from jobqueue.inputs import InputError
@@ -21,6 +22,9 @@ from jobqueue.logs import configure_logging
 from jobqueue.records import Event, Job
 from jobqueue.settings import ConfigError
 from jobqueue.store import StoreError
+
+if TYPE_CHECKING:
+    from jobqueue.hooks.outbox import Delivery
 
 app = typer.Typer(
     name="jobqueue",
@@ -346,21 +350,83 @@ def events(
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="At most this many events.")
     ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", "-f", help="Keep printing new events as they arrive, until Ctrl-C."
+        ),
+    ] = False,
+    dead: Annotated[
+        bool, typer.Option("--dead", help="List dead-lettered hook deliveries instead.")
+    ] = False,
+    redeliver: Annotated[
+        str | None,
+        typer.Option(
+            "--redeliver",
+            metavar="EVENT_ID",
+            help="Queue this event's dead (or delivered) hook deliveries again.",
+        ),
+    ] = None,
+    sink: Annotated[
+        str | None, typer.Option("--sink", help="With --redeliver: only this sink.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The events of one job or all jobs, in order."""
-    found = _state(ctx).queue().events(job_id, after=after, limit=limit)
-    if as_json:
-        _print_json([{"seq": e.seq, **e.to_payload()} for e in found])
+    """The events of one job or all jobs, in order, with their hook deliveries."""
+    queue = _state(ctx).queue()
+    if redeliver is not None:
+        _redeliver(queue, redeliver, sink, as_json)
         return
-    stdout.print(_events_table(found))
+    if dead:
+        _print_dead(queue, job_id, limit, as_json)
+        return
+    found = queue.events(job_id, after=after, limit=limit)
+    deliveries = _deliveries_of(queue, found)
+    if follow:
+        for e in found:
+            _print_event_line(e, deliveries.get(e.seq, []), as_json)
+        _follow(queue, job_id, found[-1].seq if found else after, as_json)
+        return
+    if as_json:
+        _print_json([_event_json(e, deliveries.get(e.seq, [])) for e in found])
+        return
+    stdout.print(_events_table(found, deliveries))
 
 
-def _events_table(found: list[Event]) -> Table | str:
+FOLLOW_POLL_SECONDS = 0.5
+
+
+def _deliveries_of(queue: JobQueue, found: list[Event]) -> dict[int, list[Delivery]]:
+    from jobqueue.hooks import outbox
+
+    if not found:
+        return {}
+    with queue.store.read() as conn:
+        return outbox.deliveries_by_seq(conn, (e.seq for e in found))
+
+
+def _event_json(e: Event, deliveries: list[Delivery]) -> dict[str, Any]:
+    return {"seq": e.seq, **e.to_payload(), "deliveries": [d.summary() for d in deliveries]}
+
+
+def _delivery_text(deliveries: list[Delivery]) -> str:
+    """Per sink: `webhook:…: delivered`, `cmd: dead (8 attempts)`, `py: pending (2 attempts)`."""
+    if not deliveries:
+        return "-"
+    parts = []
+    for d in deliveries:
+        text = f"{d.sink}: {d.status}"
+        if d.status != "delivered" and d.attempts:
+            text += f" ({d.attempts} attempt{'s' if d.attempts != 1 else ''})"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _events_table(found: list[Event], deliveries: dict[int, list[Delivery]]) -> Table | str:
     if not found:
         return "no events"
     table = Table(box=None, header_style="bold")
-    for column in ("SEQ", "TIME", "TYPE", "JOB", "BATCH", "FROM", "TO"):
+    for column in ("SEQ", "TIME", "TYPE", "JOB", "BATCH", "FROM", "TO", "DELIVERY"):
         table.add_column(column)
     for e in found:
         table.add_row(
@@ -371,8 +437,99 @@ def _events_table(found: list[Event]) -> Table | str:
             e.batch_id or "-",
             e.from_status or "-",
             e.to_status or "-",
+            Text(_delivery_text(deliveries.get(e.seq, []))),  # sink names are not markup
         )
     return table
+
+
+def _print_event_line(e: Event, deliveries: list[Delivery], as_json: bool) -> None:
+    """One event on one line: a JSON object with --json, else the table's columns."""
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(_event_json(e, deliveries)) + b"\n")
+    else:
+        fields = (
+            str(e.seq),
+            e.created_at.strftime("%H:%M:%S.%f")[:-3],
+            e.type,
+            e.job_id or "-",
+            e.batch_id or "-",
+            f"{e.from_status or '-'} -> {e.to_status or '-'}",
+            _delivery_text(deliveries),
+        )
+        sys.stdout.write("  ".join(fields) + "\n")
+    sys.stdout.flush()
+
+
+def _follow(queue: JobQueue, job_id: str | None, last_seq: int | None, as_json: bool) -> None:
+    """Poll the database for events after `last_seq` and print them, until Ctrl-C."""
+    import time
+
+    try:
+        while True:
+            time.sleep(FOLLOW_POLL_SECONDS)
+            for e in queue.events(job_id, after=last_seq):
+                _print_event_line(e, [], as_json)
+                last_seq = e.seq
+    except KeyboardInterrupt:
+        return
+
+
+def _print_dead(queue: JobQueue, job_id: str | None, limit: int | None, as_json: bool) -> None:
+    from jobqueue.api import JobNotFound
+    from jobqueue.hooks import outbox
+
+    with queue.store.read() as conn:
+        if job_id is not None:
+            row = queue.store.find_job(conn, job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            job_id = row.id
+        dead = outbox.dead_deliveries(conn, job_id, limit=limit)
+    if as_json:
+        _print_json([d.to_dict() for d in dead])
+        return
+    if not dead:
+        stdout.print("no dead deliveries")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("EVENT", "TYPE", "JOB", "SINK", "ATTEMPTS", "LAST ERROR"):
+        table.add_column(column)
+    for d in dead:
+        table.add_row(
+            d.event_id,
+            d.event_type,
+            d.job_id or "-",
+            Text(d.sink),
+            str(d.attempts),
+            Text(d.last_error or "-"),
+        )
+    stdout.print(table)
+
+
+def _redeliver(queue: JobQueue, event_id: str, sink: str | None, as_json: bool) -> None:
+    import time
+
+    from jobqueue.hooks import outbox
+
+    with queue.store.write() as conn:
+        if outbox.find_event(conn, event_id) is None:
+            raise JobQueueError(f"no event {event_id!r}")
+        count = outbox.redeliver(conn, event_id, sink, time.time())
+    if as_json:
+        _print_json({"event_id": event_id, "sink": sink, "redelivered": count})
+        return
+    if count:
+        stdout.print(
+            f"queued {count} deliver{'ies' if count != 1 else 'y'} of {event_id} again",
+            markup=False,
+        )
+    else:
+        stdout.print(
+            f"no dead or delivered deliveries of {event_id}"
+            + (f" to {sink}" if sink else "")
+            + " (pending ones are still being tried)",
+            markup=False,
+        )
 
 
 # -- db -------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ class JobRow(SQLModel, table=True):
     updated_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    # Local input and result files deleted once the retention ran out.
+    purged_at: float | None = None
 
 
 class BatchRow(SQLModel, table=True):

@@ -14,14 +14,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from jobqueue.ids import new_id
 from jobqueue.logs import get_logger
 from jobqueue.models import batches_table, events_table, jobs_table, requests_table
-from jobqueue.states import BATCH_MACHINE, BATCH_TIME_COLUMN, JOB_MACHINE, IllegalTransition
+from jobqueue.states import (
+    BATCH_MACHINE,
+    BATCH_REMOTE_OPEN,
+    BATCH_TERMINAL,
+    BATCH_TIME_COLUMN,
+    JOB_MACHINE,
+    IllegalTransition,
+)
 
 log = get_logger("jobqueue.store")
 
@@ -364,6 +383,191 @@ class Store:
             .group_by(requests_table.c.outcome)
         ).all()
         return {outcome: n for outcome, n in rows}
+
+    # -- claiming work with leases ------------------------------------------------------------
+
+    def take_lease(
+        self,
+        conn: Connection,
+        batch_id: str,
+        owner: str,
+        *,
+        now: float,
+        seconds: float,
+        status: str | Iterable[str],
+        free_owners: Iterable[str] = (),
+    ) -> bool:
+        """Lease a batch to `owner` if it is in `status` and its lease is free, expired, ours,
+        or held by one of `free_owners` (owners known to be dead)."""
+        statuses = [status] if isinstance(status, str) else list(status)
+        b = batches_table
+        result = conn.execute(
+            update(b)
+            .where(
+                b.c.id == batch_id,
+                b.c.status.in_(statuses),
+                or_(
+                    b.c.lease_owner.is_(None),
+                    b.c.lease_until.is_(None),
+                    b.c.lease_until < now,
+                    b.c.lease_owner == owner,
+                    b.c.lease_owner.in_(list(free_owners)),
+                ),
+            )
+            .values(lease_owner=owner, lease_until=now + seconds)
+        )
+        return bool(result.rowcount)
+
+    def release_leases(self, conn: Connection, owner: str) -> int:
+        b = batches_table
+        result = conn.execute(
+            update(b).where(b.c.lease_owner == owner).values(lease_owner=None, lease_until=None)
+        )
+        return result.rowcount or 0
+
+    def lease_owners(self, conn: Connection) -> list[str]:
+        b = batches_table
+        return list(
+            conn.execute(select(b.c.lease_owner).where(b.c.lease_owner.is_not(None)).distinct())
+            .scalars()
+            .all()
+        )
+
+    def update_batch(self, conn: Connection, batch_id: str, **values: Any) -> None:
+        conn.execute(update(batches_table).where(batches_table.c.id == batch_id).values(**values))
+
+    def queued_candidates(self, conn: Connection, now: float, limit: int) -> list[Row]:
+        """Queued batches due for submission, oldest job first, of jobs not being cancelled."""
+        b, j = batches_table, jobs_table
+        return list(
+            conn.execute(
+                select(b)
+                .join(j, j.c.id == b.c.job_id)
+                .where(
+                    b.c.status == "queued",
+                    or_(b.c.not_before.is_(None), b.c.not_before <= now),
+                    j.c.cancel_requested.is_(False),
+                )
+                .order_by(j.c.created_at, b.c.attempt, b.c.shard_index, b.c.id)
+                .limit(limit)
+            ).all()
+        )
+
+    def open_tokens_by_model(self, conn: Connection) -> dict[str | None, int]:
+        """Estimated prompt tokens of batches the remote holds open, per model."""
+        b = batches_table
+        rows = conn.execute(
+            select(b.c.model, func.sum(b.c.estimated_tokens))
+            .where(b.c.status.in_(["submitting", *BATCH_REMOTE_OPEN]))
+            .group_by(b.c.model)
+        ).all()
+        return {model: int(total or 0) for model, total in rows}
+
+    def stale_submitting(
+        self, conn: Connection, now: float, dead_owners: Iterable[str]
+    ) -> list[Row]:
+        b = batches_table
+        return list(
+            conn.execute(
+                select(b).where(
+                    b.c.status == "submitting",
+                    or_(
+                        b.c.lease_until.is_(None),
+                        b.c.lease_until < now,
+                        b.c.lease_owner.in_(list(dead_owners)),
+                    ),
+                )
+            ).all()
+        )
+
+    def open_remote_batches(self, conn: Connection) -> list[Row]:
+        """Batches the remote holds open, nearest remote deadline first."""
+        b = batches_table
+        return list(
+            conn.execute(
+                select(b)
+                .where(b.c.status.in_(list(BATCH_REMOTE_OPEN)), b.c.remote_id.is_not(None))
+                .order_by(b.c.expires_at.is_(None), b.c.expires_at, b.c.id)
+            ).all()
+        )
+
+    def cancel_candidates(self, conn: Connection) -> list[Row]:
+        b = batches_table
+        return list(
+            conn.execute(
+                select(b).where(
+                    b.c.cancel_requested.is_(True),
+                    b.c.status.in_(["validating", "in_progress"]),
+                    b.c.remote_id.is_not(None),
+                )
+            ).all()
+        )
+
+    def collectable(self, conn: Connection, now: float, limit: int) -> list[Row]:
+        """Remote batches that ended and whose results are not stored yet."""
+        b = batches_table
+        return list(
+            conn.execute(
+                select(b)
+                .where(
+                    b.c.status.in_([s.value for s in BATCH_TERMINAL]),
+                    b.c.collected_at.is_(None),
+                    b.c.remote_id.is_not(None),
+                    or_(b.c.lease_until.is_(None), b.c.lease_until < now),
+                )
+                .order_by(b.c.updated_at)
+                .limit(limit)
+            ).all()
+        )
+
+    def jobs_with_requests_to_retry(self, conn: Connection) -> list[str]:
+        """Jobs with pending requests whose batch has ended and been collected."""
+        r, b, j = requests_table, batches_table, jobs_table
+        return list(
+            conn.execute(
+                select(r.c.job_id)
+                .join(b, b.c.id == r.c.batch_id)
+                .join(j, j.c.id == r.c.job_id)
+                .where(
+                    r.c.outcome.is_(None),
+                    b.c.collected_at.is_not(None),
+                    j.c.status.in_(["queued", "running"]),
+                )
+                .distinct()
+            )
+            .scalars()
+            .all()
+        )
+
+    def open_jobs(self, conn: Connection) -> list[Row]:
+        j = jobs_table
+        return list(conn.execute(select(j).where(j.c.status.in_(["queued", "running"]))).all())
+
+    def add_job_counts(self, conn: Connection, job_id: str, succeeded: int, failed: int) -> None:
+        if not succeeded and not failed:
+            return
+        j = jobs_table
+        conn.execute(
+            update(j)
+            .where(j.c.id == job_id)
+            .values(
+                requests_succeeded=j.c.requests_succeeded + succeeded,
+                requests_failed=j.c.requests_failed + failed,
+            )
+        )
+
+    def unsettled_batches(self, conn: Connection, job_id: str) -> int:
+        b = batches_table
+        return conn.execute(
+            select(func.count())
+            .select_from(b)
+            .where(
+                b.c.job_id == job_id,
+                ~and_(
+                    b.c.status.in_([s.value for s in BATCH_TERMINAL]), b.c.collected_at.is_not(None)
+                ),
+            )
+        ).scalar_one()
 
 
 def _check(machine: Any, kind: str, row_id: str, source: str, dest: str) -> None:

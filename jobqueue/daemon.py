@@ -1,0 +1,255 @@
+"""The daemon: the duties on an APScheduler 3 background scheduler, woken at once when there is
+new work, stopped cleanly on SIGTERM/SIGINT, speaking sd_notify under systemd.
+
+Each duty runs with `max_instances=1` and `coalesce=True`; a wake that arrives while the duty
+runs is remembered and honoured as soon as it finishes, so no wake is ever lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import text
+
+from jobqueue.duties.collect import collect_once
+from jobqueue.duties.context import DutyContext, make_owner
+from jobqueue.duties.expire import expire_once
+from jobqueue.duties.reconcile import reconcile_once
+from jobqueue.duties.retry import retry_once
+from jobqueue.duties.submit import submit_once
+from jobqueue.logs import get_logger
+from jobqueue.providers import make_provider
+from jobqueue.providers.base import Provider
+from jobqueue.sdnotify import notify, watchdog_interval
+from jobqueue.settings import Settings
+from jobqueue.store import Store
+
+log = get_logger("jobqueue.daemon")
+
+
+@dataclass
+class Duty:
+    name: str
+    fn: Callable[[DutyContext], int]
+    interval: float
+    # Run again at once when it moved something: there may be more of the same work.
+    again_if_moved: bool
+
+
+class _DutyState:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = False
+        self.wake_pending = False
+        self.runs = 0
+        self.errors = 0
+        self.last_run: float | None = None
+        self.last_error: str | None = None
+
+
+class Daemon:
+    """Runs the duties against one store and one remote, in background threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        provider: Provider | None = None,
+        *,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+        extra_duties: list[Duty] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = provider or make_provider(settings)
+        self._own_provider = provider is None
+        self.ctx = DutyContext(
+            store=store,
+            provider=self.provider,
+            settings=settings,
+            owner=owner or make_owner(),
+            clock=clock,
+            wake=self.wake,
+        )
+        poll = settings.poll_interval
+        self.duties: dict[str, Duty] = {
+            d.name: d
+            for d in [
+                Duty("submit", submit_once, min(poll, 2.0), True),
+                Duty("reconcile", reconcile_once, poll, False),
+                Duty("collect", collect_once, min(poll, 5.0), True),
+                Duty("retry", retry_once, min(poll, 5.0), True),
+                Duty("expire", expire_once, min(poll, 30.0), False),
+                *(extra_duties or []),
+            ]
+        }
+        self._states = {name: _DutyState() for name in self.duties}
+        self._scheduler: BackgroundScheduler | None = None
+        self._stopping = threading.Event()
+        self.log = log.bind(owner=self.ctx.owner)
+
+    @property
+    def owner(self) -> str:
+        return self.ctx.owner
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.ctx.stats
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._scheduler is not None:
+            return
+        scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(len(self.duties) + 2)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=UTC,
+        )
+        now = datetime.now(UTC)
+        for duty in self.duties.values():
+            scheduler.add_job(
+                self._run_duty, "interval", seconds=duty.interval, args=[duty.name],
+                id=duty.name, name=duty.name, next_run_time=now,
+            )  # fmt: skip
+        interval = watchdog_interval()
+        if interval:
+            scheduler.add_job(
+                self._watchdog, "interval", seconds=interval, id="watchdog", next_run_time=now
+            )
+        self._scheduler = scheduler
+        scheduler.start()
+        notify("READY=1")
+        self.log.info(
+            "daemon started", duties=list(self.duties), poll_interval=self.settings.poll_interval
+        )
+
+    def stop(self) -> None:
+        """Finish the steps in hand, release our leases, close the remote client."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        notify("STOPPING=1")
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+            self._scheduler = None
+        try:
+            with self.store.write() as conn:
+                released = self.store.release_leases(conn, self.owner)
+            if released:
+                self.log.info("released leases", count=released)
+        except Exception as exc:  # the database may be what failed; nothing more to do
+            self.log.warning("could not release leases", error=str(exc))
+        if self._own_provider:
+            self.provider.close()
+        self.log.info("daemon stopped")
+
+    @property
+    def running(self) -> bool:
+        return self._scheduler is not None and self._scheduler.running
+
+    def run_forever(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
+
+    def run_once(self, max_rounds: int = 10_000) -> int:
+        """Run every duty in turn until a whole round moves nothing; return what moved."""
+        total = 0
+        for _ in range(max_rounds):
+            moved = sum(self._call(duty) for duty in self.duties.values())
+            total += moved
+            if not moved:
+                break
+        return total
+
+    # -- waking -----------------------------------------------------------------------------
+
+    def wake(self, name: str) -> None:
+        """Run duty `name` as soon as possible (now, or right after its current run)."""
+        state = self._states.get(name)
+        if state is None or self._scheduler is None or self._stopping.is_set():
+            return
+        with state.lock:
+            if state.running:
+                state.wake_pending = True
+                return
+        with contextlib.suppress(Exception):  # the scheduler may be shutting down
+            self._scheduler.modify_job(name, next_run_time=datetime.now(UTC))
+
+    def wake_all(self) -> None:
+        for name in self.duties:
+            self.wake(name)
+
+    # -- running duties ---------------------------------------------------------------------
+
+    def _run_duty(self, name: str) -> None:
+        if self._stopping.is_set():
+            return
+        state = self._states[name]
+        with state.lock:
+            state.running = True
+            state.wake_pending = False
+        moved = 0
+        try:
+            moved = self._call(self.duties[name])
+        finally:
+            with state.lock:
+                state.running = False
+                again = state.wake_pending or (moved > 0 and self.duties[name].again_if_moved)
+            if again:
+                self.wake(name)
+
+    def _call(self, duty: Duty) -> int:
+        state = self._states[duty.name]
+        started = time.perf_counter()
+        try:
+            moved = duty.fn(self.ctx)
+        except Exception as exc:
+            state.errors += 1
+            state.last_error = f"{type(exc).__name__}: {exc}"
+            self.log.exception("duty failed", duty=duty.name)
+            return 0
+        finally:
+            state.runs += 1
+            state.last_run = time.time()
+            self.ctx.count(f"duty_seconds.{duty.name}", time.perf_counter() - started)
+        return moved
+
+    def duty_states(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "runs": s.runs,
+                "errors": s.errors,
+                "last_run": s.last_run,
+                "last_error": s.last_error,
+                "running": s.running,
+            }
+            for name, s in self._states.items()
+        }
+
+    def healthy(self) -> bool:
+        """The database answers and the scheduler runs."""
+        if not self.running:
+            return False
+        try:
+            with self.store.read() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    def _watchdog(self) -> None:
+        if self.healthy():
+            notify("WATCHDOG=1")

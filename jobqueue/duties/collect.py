@@ -1,0 +1,115 @@
+"""Collect: for batches that ended, stream their output and error files to the data dir and
+record every request's outcome; then the job may end.
+
+Downloads go to a `.part` file, are size-checked and renamed only when whole (the provider does
+that), so a half file is never taken for a whole one; a cut-short download is retried.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Row
+
+from jobqueue.duties.context import DutyContext
+from jobqueue.duties.observe import error_code
+from jobqueue.lifecycle import settle_job
+from jobqueue.logs import get_logger
+from jobqueue.providers.base import NotFoundError, RemoteError
+from jobqueue.results import record_outcomes
+
+log = get_logger("jobqueue.collect")
+_CLAIM_LIMIT = 8
+
+
+def collect_once(ctx: DutyContext) -> int:
+    now = ctx.clock()
+    with ctx.store.read() as conn:
+        rows = ctx.store.collectable(conn, now, _CLAIM_LIMIT)
+    moved = 0
+    for row in rows:
+        with ctx.store.write() as conn:
+            if not ctx.store.take_lease(
+                conn, row.id, ctx.owner, now=now, seconds=ctx.settings.lease_seconds,
+                status=row.status,
+            ):  # fmt: skip
+                continue
+        moved += collect_batch(ctx, row)
+    if moved:
+        ctx.wake("retry")
+    return moved
+
+
+def result_path(ctx: DutyContext, row: Row, kind: str) -> Path:
+    return ctx.job_dir(row.job_id) / "results" / f"{row.id}.{kind}.jsonl"
+
+
+def collect_batch(ctx: DutyContext, row: Row) -> int:
+    bound = log.bind(job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id)
+    files: list[tuple[str, Path]] = []
+    missing_code = (
+        {
+            "expired": "batch_expired",
+            "cancelled": "batch_cancelled",
+            "completed": "missing_result",
+        }.get(row.status)
+        or error_code(row.errors)
+        or "batch_failed"
+    )
+    for kind, file_id in (("output", row.output_file_id), ("error", row.error_file_id)):
+        if not file_id:
+            continue
+        dest = result_path(ctx, row, kind)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if not dest.exists():
+                size = ctx.provider.download_file(file_id, dest)
+                ctx.count("collected_bytes", size)
+            files.append((kind, dest))
+        except NotFoundError as exc:
+            # Gone remotely (output_expires_after passed): what it held is lost; the requests
+            # count as unreported and are retried if they may be.
+            bound.error("result file gone remotely", kind=kind, file_id=file_id, error=str(exc))
+            missing_code = "missing_result"
+        except (RemoteError, OSError) as exc:
+            bound.warning("download failed, will retry", kind=kind, error=str(exc))
+            _release(ctx, row.id)
+            return 0
+    now = ctx.clock()
+    with ctx.store.write() as conn:
+        job = ctx.store.get_job(conn, row.job_id)
+        fresh = ctx.store.get_batch(conn, row.id)
+        if fresh is None or fresh.collected_at is not None or fresh.lease_owner != ctx.owner:
+            return 0
+        can_retry = (
+            row.attempt < job.max_attempts
+            and not job.cancel_requested
+            and (job.deadline_at is None or now < job.deadline_at)
+        )
+        counts = record_outcomes(
+            ctx.store,
+            conn,
+            job_id=row.job_id,
+            batch_id=row.id,
+            files=files,
+            can_retry=can_retry,
+            missing_code=missing_code,
+        )
+        ctx.store.add_job_counts(conn, row.job_id, counts["succeeded"], counts["failed"])
+        ctx.store.update_batch(
+            conn,
+            row.id,
+            collected_at=now,
+            output_path=str(dict(files).get("output")) if "output" in dict(files) else None,
+            error_path=str(dict(files).get("error")) if "error" in dict(files) else None,
+            lease_owner=None,
+            lease_until=None,
+        )
+        settle_job(ctx.store, conn, row.job_id, now=now)
+    bound.info("collected", status=row.status, **counts)
+    return 1
+
+
+def _release(ctx: DutyContext, batch_id: str) -> None:
+    with ctx.store.write() as conn:
+        ctx.store.update_batch(conn, batch_id, lease_owner=None, lease_until=None)

@@ -1,0 +1,216 @@
+"""Retry: requests whose outcome is retryable (expired, cancelled by someone other than the user,
+5xx or 429 answers, unreported) go into new batches of the same job, up to its `max_attempts`,
+never past its deadline. Requests that may not be retried get their last error as final.
+
+Retry shards are cut from the previous shards' lines (the bodies never enter the database),
+grouped by model and packed up to the job's batch limits, so twenty expired batches with a few
+leftovers each become one new batch, not twenty.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Row, and_, bindparam, select, update
+
+from jobqueue.duties.context import DutyContext
+from jobqueue.ids import new_id
+from jobqueue.lifecycle import settle_job
+from jobqueue.logs import get_logger
+from jobqueue.models import batches_table, requests_table
+
+log = get_logger("jobqueue.retry")
+
+
+def retry_once(ctx: DutyContext) -> int:
+    with ctx.store.read() as conn:
+        job_ids = ctx.store.jobs_with_requests_to_retry(conn)
+    moved = 0
+    for job_id in job_ids:
+        moved += retry_job(ctx, job_id)
+    if moved:
+        ctx.wake("submit")
+    return moved
+
+
+def _pending(conn: Connection, job_id: str) -> list[Row]:
+    r, b = requests_table, batches_table
+    return list(
+        conn.execute(
+            select(
+                r.c.position, r.c.custom_id, r.c.batch_id, r.c.attempt,
+                b.c.input_path, b.c.model, b.c.attempt.label("batch_attempt"),
+            )
+            .join(b, b.c.id == r.c.batch_id)
+            .where(r.c.job_id == job_id, r.c.outcome.is_(None), b.c.collected_at.is_not(None))
+            .order_by(r.c.position)
+        ).all()
+    )  # fmt: skip
+
+
+def retry_job(ctx: DutyContext, job_id: str) -> int:
+    now = ctx.clock()
+    with ctx.store.read() as conn:
+        job = ctx.store.get_job(conn, job_id)
+        pending = _pending(conn, job_id)
+    if job is None or not pending:
+        return 0
+    may_retry = not job.cancel_requested and (job.deadline_at is None or now < job.deadline_at)
+    retryable = [p for p in pending if may_retry and p.attempt < job.max_attempts]
+    final = [p for p in pending if not (may_retry and p.attempt < job.max_attempts)]
+    if final:
+        _finalise(ctx, job_id, final)
+    if not retryable:
+        with ctx.store.write() as conn:
+            settle_job(ctx.store, conn, job_id, now=now)
+        return 1 if final else 0
+    shards = _write_retry_shards(ctx, job, retryable)
+    try:
+        with ctx.store.write() as conn:
+            made = _record_retry_batches(ctx, conn, job, shards, now)
+    except BaseException:
+        for shard in shards:
+            Path(shard["path"]).unlink(missing_ok=True)
+        raise
+    log.info(
+        "retrying requests", job_id=job_id, requests=len(retryable), batches=made,
+        final_failures=len(final),
+    )  # fmt: skip
+    return 1
+
+
+def _finalise(ctx: DutyContext, job_id: str, rows: list[Row]) -> None:
+    """No retry for these: their last recorded error becomes their final outcome."""
+    r = requests_table
+    with ctx.store.write() as conn:
+        result = conn.execute(
+            update(r)
+            .where(
+                and_(
+                    r.c.job_id == job_id,
+                    r.c.position == bindparam("pos"),
+                    r.c.outcome.is_(None),
+                )
+            )
+            .values(outcome="failed"),
+            [{"pos": row.position} for row in rows],
+        )
+        ctx.store.add_job_counts(conn, job_id, 0, result.rowcount or len(rows))
+
+
+def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dict[str, Any]]:
+    """Copy the lines of `rows` from their previous shards into new shard files."""
+    retry_dir = ctx.job_dir(job.id) / "input"
+    retry_dir.mkdir(parents=True, exist_ok=True)
+    by_source: dict[str, dict[str, Row]] = defaultdict(dict)
+    for row in rows:
+        by_source[row.input_path][row.custom_id] = row
+    shards: list[dict[str, Any]] = []
+    open_by_model: dict[str | None, dict[str, Any]] = {}
+
+    def start(model: str | None, attempt: int) -> dict[str, Any]:
+        shard_id = new_id("batch")
+        path = retry_dir / f"retry-{shard_id}.jsonl"
+        shard = {
+            "id": shard_id, "path": path, "file": path.open("wb"), "model": model,
+            "attempt": attempt, "requests": [], "bytes": 0, "tokens": 0,
+        }  # fmt: skip
+        shards.append(shard)
+        open_by_model[model] = shard
+        return shard
+
+    try:
+        for source, wanted in by_source.items():
+            with open(source, "rb") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    custom_id = orjson.loads(line).get("custom_id")
+                    row = wanted.get(custom_id)
+                    if row is None:
+                        continue
+                    if not line.endswith(b"\n"):
+                        line += b"\n"
+                    shard = open_by_model.get(row.model)
+                    if (
+                        shard is None
+                        or len(shard["requests"]) >= job.max_batch_requests
+                        or shard["bytes"] + len(line) > job.max_batch_bytes
+                    ):
+                        if shard is not None:
+                            shard["file"].close()
+                        shard = start(row.model, row.attempt + 1)
+                    shard["file"].write(line)
+                    shard["bytes"] += len(line)
+                    shard["tokens"] += len(line) // 4
+                    shard["attempt"] = max(shard["attempt"], row.attempt + 1)
+                    shard["requests"].append(row)
+    except BaseException:
+        for shard in shards:
+            shard["file"].close()
+            Path(shard["path"]).unlink(missing_ok=True)
+        raise
+    for shard in shards:
+        shard["file"].close()
+    missing = len(rows) - sum(len(s["requests"]) for s in shards)
+    if missing:
+        log.error("retry lines not found in their shards", job_id=job.id, missing=missing)
+    return shards
+
+
+def _record_retry_batches(
+    ctx: DutyContext, conn: Connection, job: Row, shards: list[dict[str, Any]], now: float
+) -> int:
+    r = requests_table
+    made = 0
+    index_base = conn.execute(
+        select(batches_table.c.shard_index)
+        .where(batches_table.c.job_id == job.id)
+        .order_by(batches_table.c.shard_index.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    next_index = (index_base or 0) + 1
+    for shard in shards:
+        requests = shard["requests"]
+        moved = conn.execute(
+            update(r)
+            .where(
+                and_(
+                    r.c.job_id == job.id,
+                    r.c.position == bindparam("pos"),
+                    r.c.batch_id == bindparam("old_batch"),
+                    r.c.outcome.is_(None),
+                )
+            )
+            .values(batch_id=shard["id"], attempt=r.c.attempt + 1),
+            [{"pos": q.position, "old_batch": q.batch_id} for q in requests],
+        ).rowcount
+        if moved != len(requests):
+            # Another daemon retried these first: undo by failing the transaction.
+            raise RuntimeError(f"retry race on job {job.id}: {moved} of {len(requests)} moved")
+        conn.execute(
+            batches_table.insert().values(
+                id=shard["id"], job_id=job.id, status="queued", shard_index=next_index,
+                attempt=shard["attempt"], model=shard["model"], input_path=str(shard["path"]),
+                request_count=len(requests), bytes=shard["bytes"],
+                estimated_tokens=shard["tokens"], created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+        ctx.store.add_event(
+            conn, "batch.queued", job_id=job.id, batch_id=shard["id"], to_status="queued",
+            data={"attempt": shard["attempt"], "shard_index": next_index, "model": shard["model"],
+                  "retry_of": sorted({q.batch_id for q in requests}),
+                  "request_counts": {"total": len(requests), "completed": 0, "failed": 0}},
+            now=now,
+        )  # fmt: skip
+        next_index += 1
+        made += 1
+    return made
+
+
+def remove_job_files(job_dir: Path) -> None:
+    shutil.rmtree(job_dir, ignore_errors=True)
