@@ -5,11 +5,12 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from jobqueue.emulator.responses import Context, build, estimate_tokens
-from jobqueue.emulator.validation import iter_lines
+from jobqueue.emulator.responses import Shared, answerer
+from jobqueue.emulator.validation import READ_BUFFER
 
 WRITE_BUFFER = 1 << 20
 _DUMPS_OPTS = orjson.OPT_APPEND_NEWLINE
@@ -63,72 +64,84 @@ def request_fails(seed: int, batch_id: str, custom_id: str, rate: float) -> bool
     return digest / 4294967296.0 < rate
 
 
+class _LazyFile:
+    """Opened on the first write: most batches have no error file, and creating a file is the
+    dearest part of a small batch's output."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: Any = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if self._f is None:
+            self._f = open(self.path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115
+        self._f.write(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
 def generate(plan: OutputPlan) -> OutputResult:
+    """Write the output and error files of a run; the hot loop of a million-line batch."""
     result = OutputResult()
     stem = plan.batch_id.removeprefix("batch_")
-    dumps = orjson.dumps
-    loads = orjson.loads
-    endpoint = plan.endpoint
+    dumps, loads, opts = orjson.dumps, orjson.loads, _DUMPS_OPTS
+    answer = answerer(
+        plan.endpoint,
+        Shared(
+            created=plan.created, model=plan.model, embedding_dimensions=plan.embedding_dimensions
+        ),
+    )
+    finished, rate, seed, batch_id = plan.finished, plan.failure_rate, plan.seed, plan.batch_id
     unfinished_error = None
     if plan.unfinished_code is not None:
         unfinished_error = {
             "code": plan.unfinished_code,
             "message": UNFINISHED_MESSAGES.get(plan.unfinished_code, plan.unfinished_code),
         }
-    with (
-        open(plan.output_path, "wb", buffering=WRITE_BUFFER) as out,
-        open(plan.error_path, "wb", buffering=WRITE_BUFFER) as err,
-    ):
-        for index, (_number, raw) in enumerate(iter_lines(plan.input_path)):
-            obj = loads(raw)
-            custom_id = obj["custom_id"]
-            ident = f"{stem}{index:08x}"
-            line_id = f"batch_req_{ident}"
-            if index >= plan.finished:
-                err.write(
-                    dumps(
-                        {
-                            "id": line_id,
-                            "custom_id": custom_id,
-                            "response": None,
-                            "error": unfinished_error,
+    completed = failed = in_total = out_total = 0
+    out, err = _LazyFile(plan.output_path), _LazyFile(plan.error_path)
+    out_write, err_write = out.write, err.write
+    try:
+        with open(plan.input_path, "rb", buffering=READ_BUFFER) as f:
+            index = -1
+            for raw in f:
+                if raw.isspace():
+                    continue  # skipped by validation too
+                index += 1
+                obj = loads(raw)
+                custom_id = obj["custom_id"]
+                ident = f"{stem}{index:08x}"
+                if index >= finished:
+                    line: dict[str, Any] = {
+                        "id": f"batch_req_{ident}",
+                        "custom_id": custom_id,
+                        "response": None,
+                        "error": unfinished_error,
+                    }
+                    err_write(dumps(line, option=opts))
+                    failed += 1
+                elif rate > 0 and request_fails(seed, batch_id, custom_id, rate):
+                    line = {
+                        "id": f"batch_req_{ident}",
+                        "custom_id": custom_id,
+                        "response": {
+                            "status_code": 500,
+                            "request_id": f"req_{ident}",
+                            "body": SERVER_ERROR_BODY,
                         },
-                        option=_DUMPS_OPTS,
-                    )
-                )
-                result.failed += 1
-                continue
-            if request_fails(plan.seed, plan.batch_id, custom_id, plan.failure_rate):
-                err.write(
-                    dumps(
-                        {
-                            "id": line_id,
-                            "custom_id": custom_id,
-                            "response": {
-                                "status_code": 500,
-                                "request_id": f"req_{ident}",
-                                "body": SERVER_ERROR_BODY,
-                            },
-                            "error": None,
-                        },
-                        option=_DUMPS_OPTS,
-                    )
-                )
-                result.failed += 1
-                continue
-            in_tokens = estimate_tokens(raw)
-            ctx = Context(
-                created=plan.created,
-                model=plan.model,
-                ident=ident,
-                input_tokens=in_tokens,
-                embedding_dimensions=plan.embedding_dimensions,
-            )
-            body, out_tokens = build(endpoint, obj["body"], ctx)
-            out.write(
-                dumps(
-                    {
-                        "id": line_id,
+                        "error": None,
+                    }
+                    err_write(dumps(line, option=opts))
+                    failed += 1
+                else:
+                    tokens = max(1, len(raw) // 4)  # estimate_tokens, inlined
+                    body, out_tokens = answer(obj["body"], ident, tokens)
+                    line = {
+                        "id": f"batch_req_{ident}",
                         "custom_id": custom_id,
                         "response": {
                             "status_code": 200,
@@ -136,13 +149,15 @@ def generate(plan: OutputPlan) -> OutputResult:
                             "body": body,
                         },
                         "error": None,
-                    },
-                    option=_DUMPS_OPTS,
-                )
-            )
-            result.completed += 1
-            result.input_tokens += in_tokens
-            result.output_tokens += out_tokens
-        result.output_bytes = out.tell()
-        result.error_bytes = err.tell()
+                    }
+                    out_write(dumps(line, option=opts))
+                    completed += 1
+                    in_total += tokens
+                    out_total += out_tokens
+    finally:
+        out.close()
+        err.close()
+    result.completed, result.failed = completed, failed
+    result.input_tokens, result.output_tokens = in_total, out_total
+    result.output_bytes, result.error_bytes = out.size, err.size
     return result

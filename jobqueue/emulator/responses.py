@@ -19,13 +19,11 @@ SNIPPET_CHARS = 48
 
 
 @dataclass(frozen=True)
-class Context:
-    """What a builder needs beyond the request body."""
+class Shared:
+    """What every answer of one batch shares."""
 
     created: int
     model: str | None
-    ident: str  # unique per request, used to build response ids
-    input_tokens: int
     embedding_dimensions: int
 
 
@@ -48,19 +46,30 @@ def _text_of(value: Any) -> str:
 
 
 def reply_text(prompt: str) -> str:
-    snippet = " ".join(prompt.split())[:SNIPPET_CHARS]
+    snippet = " ".join(prompt[: SNIPPET_CHARS * 4].split())[:SNIPPET_CHARS]
     return f"Emulated reply to: {snippet}"
+
+
+def _last_message_text(messages: Any) -> str:
+    # The common shape first: a list of messages whose last content is a string.
+    if isinstance(messages, list) and messages:
+        last = messages[-1]
+        if isinstance(last, dict):
+            content = last.get("content")
+            if isinstance(content, str):
+                return content
+    return _text_of(messages)
 
 
 def _output_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-def _chat(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
-    text = reply_text(_text_of(body.get("messages")))
+def _chat(body: dict[str, Any], ident: str, tokens: int, ctx: Shared) -> tuple[dict[str, Any], int]:
+    text = reply_text(_last_message_text(body.get("messages")))
     out_tokens = _output_tokens(text)
     return {
-        "id": f"chatcmpl-{ctx.ident}",
+        "id": f"chatcmpl-{ident}",
         "object": "chat.completion",
         "created": ctx.created,
         "model": ctx.model,
@@ -78,9 +87,9 @@ def _chat(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
             }
         ],
         "usage": {
-            "prompt_tokens": ctx.input_tokens,
+            "prompt_tokens": tokens,
             "completion_tokens": out_tokens,
-            "total_tokens": ctx.input_tokens + out_tokens,
+            "total_tokens": tokens + out_tokens,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {
                 "reasoning_tokens": 0,
@@ -94,29 +103,33 @@ def _chat(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
     }, out_tokens
 
 
-def _completion(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
+def _completion(
+    body: dict[str, Any], ident: str, tokens: int, ctx: Shared
+) -> tuple[dict[str, Any], int]:
     text = reply_text(_text_of(body.get("prompt")))
     out_tokens = _output_tokens(text)
     return {
-        "id": f"cmpl-{ctx.ident}",
+        "id": f"cmpl-{ident}",
         "object": "text_completion",
         "created": ctx.created,
         "model": ctx.model,
         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
         "usage": {
-            "prompt_tokens": ctx.input_tokens,
+            "prompt_tokens": tokens,
             "completion_tokens": out_tokens,
-            "total_tokens": ctx.input_tokens + out_tokens,
+            "total_tokens": tokens + out_tokens,
         },
         "system_fingerprint": "fp_emulator",
     }, out_tokens
 
 
-def _responses(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
+def _responses(
+    body: dict[str, Any], ident: str, tokens: int, ctx: Shared
+) -> tuple[dict[str, Any], int]:
     text = reply_text(_text_of(body.get("input")))
     out_tokens = _output_tokens(text)
     return {
-        "id": f"resp_{ctx.ident}",
+        "id": f"resp_{ident}",
         "object": "response",
         "created_at": ctx.created,
         "status": "completed",
@@ -127,7 +140,7 @@ def _responses(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]
         "output": [
             {
                 "type": "message",
-                "id": f"msg_{ctx.ident}",
+                "id": f"msg_{ident}",
                 "status": "completed",
                 "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": []}],
@@ -139,11 +152,11 @@ def _responses(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]
         "tools": [],
         "top_p": body.get("top_p", 1.0),
         "usage": {
-            "input_tokens": ctx.input_tokens,
+            "input_tokens": tokens,
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": out_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": ctx.input_tokens + out_tokens,
+            "total_tokens": tokens + out_tokens,
         },
         "metadata": body.get("metadata") or {},
     }, out_tokens
@@ -166,7 +179,9 @@ def _embedding_inputs(value: Any) -> list[str]:
     return [str(value)]
 
 
-def _embeddings(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
+def _embeddings(
+    body: dict[str, Any], ident: str, tokens: int, ctx: Shared
+) -> tuple[dict[str, Any], int]:
     dims = body.get("dimensions") or ctx.embedding_dimensions
     as_base64 = body.get("encoding_format") == "base64"
     data = []
@@ -179,7 +194,7 @@ def _embeddings(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int
         "object": "list",
         "data": data,
         "model": ctx.model,
-        "usage": {"prompt_tokens": ctx.input_tokens, "total_tokens": ctx.input_tokens},
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }, 0
 
 
@@ -202,7 +217,9 @@ _CATEGORIES_FALSE = dict.fromkeys(_MODERATION_CATEGORIES, False)
 _APPLIED_INPUT_TYPES = {c: ["text"] for c in _MODERATION_CATEGORIES}
 
 
-def _moderations(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
+def _moderations(
+    body: dict[str, Any], ident: str, tokens: int, ctx: Shared
+) -> tuple[dict[str, Any], int]:
     raw = body.get("input")
     items = raw if isinstance(raw, list) else [raw]
     results = []
@@ -220,27 +237,31 @@ def _moderations(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], in
                 "category_applied_input_types": _APPLIED_INPUT_TYPES,
             }
         )
-    return {"id": f"modr-{ctx.ident}", "model": ctx.model, "results": results}, 0
+    return {"id": f"modr-{ident}", "model": ctx.model, "results": results}, 0
 
 
-def _images(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
+def _images(
+    body: dict[str, Any], ident: str, tokens: int, ctx: Shared
+) -> tuple[dict[str, Any], int]:
     n = int(body.get("n") or 1)
-    data = [{"url": f"https://emulator.invalid/images/{ctx.ident}-{i}.png"} for i in range(n)]
+    data = [{"url": f"https://emulator.invalid/images/{ident}-{i}.png"} for i in range(n)]
     return {
         "created": ctx.created,
         "data": data,
         "usage": {
-            "input_tokens": ctx.input_tokens,
-            "input_tokens_details": {"text_tokens": ctx.input_tokens, "image_tokens": 0},
+            "input_tokens": tokens,
+            "input_tokens_details": {"text_tokens": tokens, "image_tokens": 0},
             "output_tokens": 0,
-            "total_tokens": ctx.input_tokens,
+            "total_tokens": tokens,
         },
     }, 0
 
 
-def _videos(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
+def _videos(
+    body: dict[str, Any], ident: str, tokens: int, ctx: Shared
+) -> tuple[dict[str, Any], int]:
     return {
-        "id": f"video_{ctx.ident}",
+        "id": f"video_{ident}",
         "object": "video",
         "created_at": ctx.created,
         "completed_at": ctx.created,
@@ -253,7 +274,8 @@ def _videos(body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
     }, 0
 
 
-Builder = Callable[[dict[str, Any], Context], tuple[dict[str, Any], int]]
+Builder = Callable[[dict[str, Any], str, int, Shared], tuple[dict[str, Any], int]]
+Answer = Callable[[dict[str, Any], str, int], tuple[dict[str, Any], int]]
 
 BUILDERS: dict[str, Builder] = {
     "/v1/chat/completions": _chat,
@@ -272,6 +294,14 @@ ENDPOINTS = tuple(BUILDERS)
 MODEL_OPTIONAL = frozenset({"/v1/moderations"})
 
 
-def build(endpoint: str, body: dict[str, Any], ctx: Context) -> tuple[dict[str, Any], int]:
-    """(response body, output tokens) for one request."""
-    return BUILDERS[endpoint](body, ctx)
+def answerer(endpoint: str, shared: Shared) -> Answer:
+    """`answer(body, ident, input_tokens) -> (response body, output tokens)` for one batch.
+
+    `ident` is unique per request and goes into the response's ids.
+    """
+    build = BUILDERS[endpoint]
+
+    def answer(body: dict[str, Any], ident: str, tokens: int) -> tuple[dict[str, Any], int]:
+        return build(body, ident, tokens, shared)
+
+    return answer

@@ -35,7 +35,7 @@ def iter_lines(path: Path) -> Any:
     """(line number from 1, raw bytes) for every non-blank line; blank lines are skipped."""
     with open(path, "rb", buffering=READ_BUFFER) as f:
         for number, raw in enumerate(f, 1):
-            if raw.strip():
+            if not raw.isspace():
                 yield number, raw
 
 
