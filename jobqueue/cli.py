@@ -567,6 +567,9 @@ def db_current(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
 
 def _register_optional_commands() -> None:
+    from jobqueue import cli_daemon
+
+    cli_daemon.register(app, lambda ctx: _state(ctx).queue(), _print_json)
     try:
         from jobqueue.emulator.command import emulator_command
     except ImportError:  # the emulator is still being built
