@@ -9,10 +9,12 @@ from array import array
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from jobqueue.emulator import Emulator, EmulatorConfig, create_app
-from tests.test_emulator_helpers import add_input, create, manual, read_lines
+from jobqueue.emulator.responses import Shared, answerer, fast_line_maker
+from tests.test_emulator_helpers import CHAT, add_input, create, manual, read_lines
 
 __all__ = ["manual"]
 
@@ -147,3 +149,30 @@ def test_uploads_over_http_check_purpose_name_and_size() -> None:
 def test_newer_endpoints_are_accepted(manual: Emulator, endpoint: str) -> None:
     [body] = run_one(manual, endpoint, [{"model": "m", "prompt": "a cat"}])
     assert body
+
+
+@pytest.mark.parametrize(
+    ("model", "messages"),
+    [
+        ("gpt-4o-mini", [{"role": "user", "content": "plain"}]),
+        ('odd "model" 100%', [{"role": "user", "content": 'quotes " and \\ and é ☃ %s %d'}]),
+        ("m", [{"role": "user", "content": [{"type": "text", "text": "parts"}]}]),
+        ("m", []),
+        (None, "not a list"),
+    ],
+)
+def test_chat_fast_path_equals_the_dict_builder(model: Any, messages: Any) -> None:
+    shared = Shared(created=1700000000, model=model, embedding_dimensions=8)
+    body = {"model": model, "messages": messages}
+    make = fast_line_maker(CHAT, shared)
+    assert make is not None
+    line, out_tokens = make(body, "abc00000001", 42, 'custom "id" ✓')
+    built, built_tokens = answerer(CHAT, shared)(body, "abc00000001", 42)
+    assert out_tokens == built_tokens
+    assert line.endswith(b"\n")
+    assert orjson.loads(line) == {
+        "id": "batch_req_abc00000001",
+        "custom_id": 'custom "id" ✓',
+        "response": {"status_code": 200, "request_id": "req_abc00000001", "body": built},
+        "error": None,
+    }

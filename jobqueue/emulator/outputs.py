@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from jobqueue.emulator.responses import Shared, answerer
+from jobqueue.emulator.responses import Shared, answerer, fast_line_maker
 from jobqueue.emulator.validation import READ_BUFFER
 
 WRITE_BUFFER = 1 << 20
@@ -89,12 +89,11 @@ def generate(plan: OutputPlan) -> OutputResult:
     result = OutputResult()
     stem = plan.batch_id.removeprefix("batch_")
     dumps, loads, opts = orjson.dumps, orjson.loads, _DUMPS_OPTS
-    answer = answerer(
-        plan.endpoint,
-        Shared(
-            created=plan.created, model=plan.model, embedding_dimensions=plan.embedding_dimensions
-        ),
+    shared = Shared(
+        created=plan.created, model=plan.model, embedding_dimensions=plan.embedding_dimensions
     )
+    answer = answerer(plan.endpoint, shared)
+    make_line = fast_line_maker(plan.endpoint, shared)
     finished, rate, seed, batch_id = plan.finished, plan.failure_rate, plan.seed, plan.batch_id
     unfinished_error = None
     if plan.unfinished_code is not None:
@@ -139,6 +138,13 @@ def generate(plan: OutputPlan) -> OutputResult:
                     failed += 1
                 else:
                     tokens = max(1, len(raw) // 4)  # estimate_tokens, inlined
+                    if make_line is not None:
+                        data, out_tokens = make_line(obj["body"], ident, tokens, custom_id)
+                        out_write(data)
+                        completed += 1
+                        in_total += tokens
+                        out_total += out_tokens
+                        continue
                     body, out_tokens = answer(obj["body"], ident, tokens)
                     line = {
                         "id": f"batch_req_{ident}",

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 SNIPPET_CHARS = 48
 
 
@@ -305,3 +307,48 @@ def answerer(endpoint: str, shared: Shared) -> Answer:
         return build(body, ident, tokens, shared)
 
     return answer
+
+
+# The whole success line of a chat completion as one bytes template: the hot path of big batches
+# (about twice as fast as building and dumping the dicts). It must equal the dict builder's line;
+# a test holds them together.
+_CHAT_LINE = (
+    b'{"id":"batch_req_%(ident)s","custom_id":%(custom_id)s,"response":{"status_code":200,'
+    b'"request_id":"req_%(ident)s","body":{"id":"chatcmpl-%(ident)s","object":"chat.completion",'
+    b'"created":CREATED,"model":MODEL,"choices":[{"index":0,"message":{"role":"assistant",'
+    b'"content":%(text)s,"refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":%(p)d,"completion_tokens":%(c)d,"total_tokens":%(t)d,'
+    b'"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":'
+    b'{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,'
+    b'"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_emulator"'
+    b'}},"error":null}\n'
+)
+
+LineMaker = Callable[[dict[str, Any], str, int, Any], tuple[bytes, int]]
+
+
+def fast_line_maker(endpoint: str, shared: Shared) -> LineMaker | None:
+    """`make(body, ident, input_tokens, custom_id) -> (whole output line, output tokens)` for
+    endpoints with a template, else None."""
+    if endpoint != "/v1/chat/completions":
+        return None
+    model = orjson.dumps(shared.model).replace(b"%", b"%%")
+    template = _CHAT_LINE.replace(b"CREATED", str(int(shared.created)).encode()).replace(
+        b"MODEL", model
+    )
+    dumps = orjson.dumps
+
+    def make(body: dict[str, Any], ident: str, tokens: int, custom_id: Any) -> tuple[bytes, int]:
+        text = reply_text(_last_message_text(body.get("messages")))
+        out_tokens = max(1, len(text) // 4)
+        line = template % {
+            b"ident": ident.encode(),
+            b"custom_id": dumps(custom_id),
+            b"text": dumps(text),
+            b"p": tokens,
+            b"c": out_tokens,
+            b"t": tokens + out_tokens,
+        }
+        return line, out_tokens
+
+    return make

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from jobqueue.emulator.responses import MODEL_OPTIONAL, estimate_tokens
+from jobqueue.emulator.responses import MODEL_OPTIONAL
 
 # The remote lists several problems at once but not every one of a broken million-line file.
 MAX_REPORTED_ERRORS = 100
@@ -68,7 +68,7 @@ def validate_input(
                 )
             )
             break
-        problem, body = _check_line(raw, number, endpoint, seen)
+        body, problem = _parse_line(raw, number, endpoint, seen)
         if problem is None:
             line_model = body.get("model")
             if model is None:
@@ -86,7 +86,7 @@ def validate_input(
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
             continue
-        tokens += estimate_tokens(raw)
+        tokens += max(1, len(raw) // 4)  # estimate_tokens, inlined: this loop sees every line
     if total == 0 and not errors:
         errors.append(error("empty_file", "The batch input file is empty."))
     result.total = total
