@@ -15,6 +15,7 @@ computed from the clock, so reading a batch is O(1) and listing is O(page).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import heapq
 import itertools
@@ -203,6 +204,8 @@ class Emulator:
         self._own_dir = cfg.data_dir is None
         if cfg.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="jobqueue-emulator-"))
+            # Apps used in process (no lifespan) are often never closed: clean up at exit.
+            atexit.register(shutil.rmtree, self.data_dir, True)
         else:
             self.data_dir = Path(cfg.data_dir)
         self.files_dir = self.data_dir / "files"
