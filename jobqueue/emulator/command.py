@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -115,7 +116,12 @@ def emulator_command(
         f"files in {emulator.data_dir}, control API at /_emulator/)",
         err=True,
     )
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler
+    # it found: make that one a no-op so that the engine is closed and the exit is clean.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     finally:
         emulator.close()
+    typer.echo("jobqueue emulator: stopped", err=True)
