@@ -28,6 +28,18 @@ class _StderrLogger:
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stdlib handler bound to the current `sys.stderr`, not the one at start-up."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
     return _StderrLogger()
 
@@ -67,7 +79,12 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, stdlib: bool = 
     )
     if stdlib:
         # Libraries that use stdlib logging (uvicorn, apscheduler, alembic) go to stderr too.
-        logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+        logging.basicConfig(
+            level=max(numeric, logging.WARNING), handlers=[_StderrHandler()], force=True
+        )
+        # A duty woken while it runs is skipped by APScheduler on purpose (the daemon remembers
+        # the wake and runs it right after): not worth a warning.
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def get_logger(name: str = "jobqueue", **context: Any) -> Any:
