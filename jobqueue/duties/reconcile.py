@@ -12,7 +12,7 @@ import time
 from sqlalchemy import Row
 
 from jobqueue.duties.context import DutyContext
-from jobqueue.duties.observe import observe
+from jobqueue.duties.observe import observe, observe_many
 from jobqueue.logs import get_logger
 from jobqueue.providers.base import NotFoundError, PermanentRemoteError, RemoteBatch, RemoteError
 
@@ -29,7 +29,7 @@ def reconcile_once(ctx: DutyContext) -> int:
     with ctx.store.read() as conn:
         rows = ctx.store.open_remote_batches(conn)
     if rows:
-        moved += sum(1 for row, remote in refresh(ctx, rows) if observe(ctx, row.id, remote))
+        moved += observe_many(ctx, refresh(ctx, rows))
     ctx.count("reconcile_cycles")
     ctx.count("reconcile_seconds", time.perf_counter() - started)
     ctx.stats["last_cycle_calls"] = ctx.stats.get("reconcile_calls", 0) - calls_before

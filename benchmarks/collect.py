@@ -1,0 +1,294 @@
+"""Collect benchmark: how fast and in how much memory a job's results are collected and exported.
+
+    python benchmarks/collect.py [--requests N] [--dimensions D] [--dir DIR] [--keep]
+
+For N/4 and then N embedding requests (one input each, the emulator answering with D-dimensional
+vectors: ~1.1 KB output lines at D=40, so 1,000,000 requests give over 1 GB of output):
+
+1. setup (this process, not measured): the emulator serves on a loopback port (time scale 1000,
+   no faults, an endless completion window, a huge requests-per-minute rate); the job is
+   submitted with `JobQueue.submit` and only the submit and reconcile duties run until every
+   batch has ended;
+2. collection: a fresh process runs only the collect duty (`collect_once` until it moves
+   nothing): downloads every output file and records every request's outcome;
+3. export: a fresh process runs `JobQueue.export_results` (what `jobqueue results JOB --output
+   FILE` does) into a file;
+4. baseline: a fresh process reads every output file the way the SDK docs show,
+   `client.files.content(file_id).text.split("\\n")` with the `openai` SDK.
+
+Each measured part runs in its own subprocess (`benchmarks.intake.measure_callable`), so its
+peak RSS is its own (from `wait4`); MB/s is output bytes over the measured call's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.intake import MB, Measurement, measure_callable
+
+_WORDS = ["durable", "queues", "embed", "every", "line", "of", "a", "large", "batch", "quickly"]
+TIME_SCALE = 1000.0
+MODEL = "text-embedding-3-small"
+
+
+def generate_embeddings(path: Path, requests: int, seed: int = 1) -> int:
+    """Write `requests` embedding requests (one short input each) to `path`; return its size."""
+    rng = random.Random(seed)
+    with open(path, "wb", buffering=1 << 20) as f:
+        for i in range(requests):
+            line = {
+                "custom_id": f"request-{i:09d}",
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": {"model": MODEL, "input": " ".join(rng.choices(_WORDS, k=8))},
+            }
+            f.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+    return path.stat().st_size
+
+
+def queue_options(work: Path, base_url: str) -> dict[str, Any]:
+    """JobQueue keyword arguments shared by the setup and every measured child."""
+    return {
+        "database_url": f"sqlite:///{work / 'jobqueue.db'}",
+        "data_dir": str(work / "data"),
+        "base_url": base_url,
+        "api_key": "bench",
+        # Simulated seconds: at the emulator's time scale 7 days would pass in 10 minutes.
+        "output_expires_after": 2_592_000,
+        "log_level": "warning",
+    }
+
+
+def setup_job(source: Path, options: dict[str, Any], timeout: float = 1200.0) -> str:
+    """Submit the job and run the submit and reconcile duties until every batch has ended."""
+    from sqlalchemy import select
+
+    from jobqueue.api import JobQueue
+    from jobqueue.daemon import Daemon
+    from jobqueue.duties.reconcile import reconcile_once
+    from jobqueue.duties.submit import submit_once
+    from jobqueue.models import batches_table
+    from jobqueue.states import BATCH_TERMINAL
+
+    terminal = {s.value for s in BATCH_TERMINAL}
+    with JobQueue(**options) as jq:
+        job = jq.submit(source, "/v1/embeddings")
+        daemon = Daemon(jq.settings, jq.store)
+        try:
+            ctx = daemon.ctx
+            deadline = time.monotonic() + timeout
+            while True:
+                while submit_once(ctx):
+                    pass
+                reconcile_once(ctx)
+                with jq.store.read() as conn:
+                    statuses = [
+                        s
+                        for (s,) in conn.execute(
+                            select(batches_table.c.status).where(batches_table.c.job_id == job.id)
+                        )
+                    ]
+                if all(s in terminal for s in statuses):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"batches not terminal after {timeout}s: {statuses}")
+                time.sleep(0.5)
+        finally:
+            daemon.stop()
+        bad = [s for s in statuses if s != "completed"]
+        if bad:
+            raise RuntimeError(f"batches ended {bad}")
+    return job.id
+
+
+def output_files(options: dict[str, Any], job_id: str) -> list[tuple[str, int]]:
+    """(remote output file id, bytes) of every batch of the job."""
+    from sqlalchemy import select
+
+    from jobqueue.api import JobQueue
+    from jobqueue.models import batches_table
+    from jobqueue.providers import make_provider
+
+    with JobQueue(**options) as jq:
+        with jq.store.read() as conn:
+            ids = [
+                fid
+                for (fid,) in conn.execute(
+                    select(batches_table.c.output_file_id)
+                    .where(batches_table.c.job_id == job_id)
+                    .order_by(batches_table.c.shard_index)
+                )
+            ]
+        provider = make_provider(jq.settings)
+        try:
+            return [(fid, provider.retrieve_file(fid).bytes) for fid in ids]
+        finally:
+            provider.close()
+
+
+# -- measured callables (each runs in a fresh interpreter) ------------------------------------
+
+
+def run_collect(options: dict[str, Any]) -> dict[str, Any]:
+    """Only the collect duty, until it moves nothing; download seconds measured apart."""
+    from jobqueue.api import JobQueue
+    from jobqueue.daemon import Daemon
+    from jobqueue.duties.collect import collect_once
+
+    with JobQueue(**options) as jq:
+        daemon = Daemon(jq.settings, jq.store)
+        ctx = daemon.ctx
+        provider = ctx.provider
+        download = provider.download_file
+        spent = {"download": 0.0}
+
+        def timed_download(*args: Any, **kwargs: Any) -> int:
+            start = time.perf_counter()
+            try:
+                return download(*args, **kwargs)
+            finally:
+                spent["download"] += time.perf_counter() - start
+
+        provider.download_file = timed_download  # type: ignore[method-assign]
+        batches = 0
+        try:
+            while moved := collect_once(ctx):
+                batches += moved
+        finally:
+            daemon.stop()
+        return {
+            "batches": batches,
+            "bytes": ctx.stats.get("collected_bytes", 0),
+            "download_seconds": spent["download"],
+        }
+
+
+def run_export(options: dict[str, Any], job_id: str, output: str) -> dict[str, Any]:
+    from jobqueue.api import JobQueue
+
+    with JobQueue(**options) as jq, open(output, "wb") as out:
+        lines = jq.export_results(job_id, out)
+    return {"lines": lines, "bytes": Path(output).stat().st_size}
+
+
+def run_sdk_baseline(base_url: str, file_ids: list[str]) -> dict[str, Any]:
+    """What the SDK docs show: the whole file as text, split into lines."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    lines = 0
+    for file_id in file_ids:
+        text = client.files.content(file_id).text
+        lines += sum(1 for line in text.split("\n") if line)
+        del text
+    client.close()
+    return {"lines": lines}
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def bench_size(requests: int, dimensions: int, work: Path) -> dict[str, Any]:
+    from jobqueue.emulator import EmulatorConfig
+    from jobqueue.emulator.server import serve_in_thread
+
+    work.mkdir(parents=True, exist_ok=True)
+    source = work / "input.jsonl"
+    start = time.perf_counter()
+    size = generate_embeddings(source, requests)
+    print(f"[{requests:,}] input {size / MB:,.0f} MB in {time.perf_counter() - start:.1f}s")
+    config = EmulatorConfig(
+        time_scale=TIME_SCALE,
+        seed=1,
+        data_dir=work / "emulator",
+        requests_per_minute=1e12,
+        completion_window_seconds=1e12,
+        embedding_dimensions=dimensions,
+    )
+    rows: dict[str, Measurement] = {}
+    with serve_in_thread(config) as em:
+        options = queue_options(work, em.base_url)
+        start = time.perf_counter()
+        job_id = setup_job(source, options)
+        files = output_files(options, job_id)
+        output_bytes = sum(n for _, n in files)
+        print(
+            f"[{requests:,}] setup (submit, emulator run, reconcile) "
+            f"{time.perf_counter() - start:.1f}s: {len(files)} output files, "
+            f"{output_bytes / MB:,.0f} MB"
+        )
+        rows["collect"] = measure_callable("benchmarks.collect:run_collect", {"options": options})
+        rows["export"] = measure_callable(
+            "benchmarks.collect:run_export",
+            {"options": options, "job_id": job_id, "output": str(work / "results.jsonl")},
+        )
+        rows["sdk"] = measure_callable(
+            "benchmarks.collect:run_sdk_baseline",
+            {"base_url": em.base_url, "file_ids": [f for f, _ in files]},
+        )
+    return {"requests": requests, "bytes": output_bytes, "rows": rows}
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    names = {
+        "collect": "collect (download + record)",
+        "export": "export_results (ordered)",
+        "sdk": "SDK .text.split (baseline)",
+    }
+    print(
+        f"\n{'what':<30} {'requests':>10} {'MB':>7} {'seconds':>8} {'MB/s':>7} {'peak RSS MB':>12}"
+    )
+    for r in results:
+        for key, label in names.items():
+            m = r["rows"][key]
+            mb = r["bytes"] / MB
+            print(
+                f"{label:<30} {r['requests']:>10,} {mb:>7,.0f} {m.seconds:>8.2f} "
+                f"{mb / m.seconds:>7.0f} {m.peak_rss / MB:>12.0f}"
+            )
+    for r in results:
+        c = r["rows"]["collect"]
+        dl = c.result.get("download_seconds", 0.0)
+        print(
+            f"[{r['requests']:,}] collect: download {dl:.2f}s, recording {c.seconds - dl:.2f}s; "
+            f"export wrote {r['rows']['export'].result.get('lines', 0):,} lines"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=1_000_000)
+    ap.add_argument("--dimensions", type=int, default=40, help="embedding dimensions (default 40)")
+    ap.add_argument("--keep", action="store_true", help="keep the work files")
+    ap.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    args = ap.parse_args(argv)
+
+    work = args.dir or Path(tempfile.mkdtemp(prefix="jobqueue-collect-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for requests in (args.requests // 4, args.requests):
+            sub = work / f"n{requests}"
+            shutil.rmtree(sub, ignore_errors=True)
+            results.append(bench_size(requests, args.dimensions, sub))
+            if not args.keep:
+                shutil.rmtree(sub, ignore_errors=True)
+        print_table(results)
+    finally:
+        if not args.keep and args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
