@@ -312,7 +312,7 @@ def test_crash_between_delivery_and_recording_delivers_again(
     crashed.run_once()
     [event_id] = emit(store, "job_a", "job.queued")
     # Delivered, then "killed" before the attempt is recorded.
-    crashed._record = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    crashed._record_all = lambda *args, **kwargs: None  # type: ignore[method-assign]
     assert crashed.run_once() == 1 and recorder.ok_ids() == [event_id]
     with store.read() as conn:
         [row] = conn.execute(select(deliveries_table)).all()
@@ -339,7 +339,7 @@ def test_lost_lease_cannot_overwrite_the_new_owner(store: Store, started: list[D
     first = make(store, started, [PythonSink(stalls, name="py")], "first", clock=lambda: now[0])
     first.run_once()
     emit(store, "job_a", "job.queued")
-    real_record = first._record
+    real_record = first._record_all
 
     def record_after_takeover(*args: Any) -> None:
         # Before the first records, a second dispatcher claims the expired lease and delivers.
@@ -347,7 +347,7 @@ def test_lost_lease_cannot_overwrite_the_new_owner(store: Store, started: list[D
         assert second.run_once() == 1
         real_record(*args)
 
-    first._record = record_after_takeover  # type: ignore[method-assign]
+    first._record_all = record_after_takeover  # type: ignore[method-assign]
     first.run_once()
     assert first.stats["lost_lease"] == 1
     assert statuses(store) == {"delivered": 1}

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from jobqueue.hooks import outbox
@@ -59,7 +60,10 @@ class Dispatcher:
     single sink, else half of them; a sink's own `concurrency` attribute wins). A sink attribute
     `replay = True` (or `replay=True` here) makes a new sink start from the first stored event.
     `backoff_base`/`backoff_cap` shape the retry delays (`jobqueue.hooks.sinks.backoff`).
-    `clock` is the wall clock for every stored time; tests inject their own.
+    `clock` is the wall clock for every stored time; tests inject their own. A lane records
+    its outcomes in one transaction per `flush_interval` seconds of delivering (not one per
+    attempt), so recording costs few commits when a sink is fast; `run_forever` starts rounds
+    at most every `coalesce` seconds however often it is woken.
 
     The dispatcher does not own the sinks: whoever built them closes them.
     """
@@ -81,6 +85,8 @@ class Dispatcher:
         gap_grace: float = 30.0,
         late_window: float = 3600.0,
         fan_out_limit: int = 1000,
+        flush_interval: float = 0.05,
+        coalesce: float = 0.02,
     ) -> None:
         names = [sink.name for sink in sinks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -101,6 +107,8 @@ class Dispatcher:
         self.gap_grace = gap_grace
         self.late_window = late_window
         self.fan_out_limit = fan_out_limit
+        self.flush_interval = flush_interval
+        self.coalesce = coalesce
         default_lanes = workers if len(self.sinks) == 1 else max(1, workers // 2)
         self._lane_limit = {
             sink.name: max(
@@ -139,8 +147,7 @@ class Dispatcher:
         """
         if self._stopping.is_set() or not self.sinks:
             return 0
-        self.fan_out()
-        futures, claimed = self._dispatch()
+        futures, claimed = self._round()
         if not wait:
             return claimed
         return sum(future.result() for future in futures)
@@ -148,11 +155,19 @@ class Dispatcher:
     def run_forever(self, stop: threading.Event, interval: float = 1.0) -> None:
         """Rounds until `stop` is set: at once when woken, else every `interval` seconds at most."""
         failures = 0
+        last = 0.0
         while not stop.is_set() and not self._stopping.is_set():
+            # Coalesce wake-ups: a writer committing hundreds of events a second would
+            # otherwise cost a round (and a write transaction) per commit.
+            pause = last + self.coalesce - time.monotonic()
+            if pause > 0:
+                stop.wait(pause)
+            last = time.monotonic()
             self._wake.clear()
             try:
-                self.run_once(wait=False)
-                timeout = self._idle_timeout(interval)
+                claimed = self.run_once(wait=False)
+                # With work in flight, a lane finishing wakes the next round.
+                timeout = interval if claimed else self._idle_timeout(interval)
                 failures = 0
             except Exception:
                 failures += 1
@@ -186,63 +201,102 @@ class Dispatcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- fan-out --------------------------------------------------------------------------------
+    # -- a round: fan-out and claims in one short transaction -----------------------------------
+
+    def _round(self) -> tuple[list[Future[int]], int]:
+        now = self.clock()
+        self._ensure_cursors(now)
+        # Look first (a read takes no write lock): an idle round writes nothing.
+        with self.store.read() as conn:
+            plan = self._plan_fan_out(conn, now)
+            due = outbox.due_sinks(conn, self._names, now) if self._free_workers() else set()
+        if plan is None and not due:
+            return [], 0
+        claims: list[tuple[Sink, list[Claimed], int]] = []
+        with self.store.write() as conn:
+            if plan is not None:
+                self._apply_fan_out(conn, plan, now)
+                due |= plan.sinks
+            claims = self._claim(conn, due, now)
+        if plan is not None:
+            self._after_fan_out(plan)
+        return self._start_lanes(claims)
 
     def fan_out(self) -> int:
-        """Turn new matching events into pending deliveries; returns how many were added."""
+        """Turn new matching events into pending deliveries now; returns how many were added."""
         if not self.sinks:
             return 0
-        store = self.store
-        if not self._cursors_ready:
-            with store.write() as conn:
-                outbox.ensure_cursors(
-                    conn,
-                    store.dialect,
-                    {s.name: bool(getattr(s, "replay", self.replay)) for s in self.sinks},
-                    self.clock(),
-                )
-            self._cursors_ready = True
         added = 0
         for _ in range(100):  # bounded: the rest waits for the next round
             now = self.clock()
-            ranges = self._late_ranges(now)
-            with store.read() as conn:
-                cursors = outbox.cursors(conn, self._names)
-                if len(cursors) < len(self._names):  # a cursor row vanished: recreate it
-                    self._cursors_ready = False
-                    return added
-                low = min(cursors.values())
-                rows = outbox.event_window(conn, low, self.fan_out_limit)
-                late = outbox.events_in_ranges(conn, ranges) if ranges else []
-            horizon = self._horizon(low, [row.seq for row in rows], now)
-            late = [row for row in late if row.seq <= horizon and row.seq not in self._late_seen]
-            planned: list[dict[str, Any]] = []
-            for sink in self.sinks:
-                cursor = cursors[sink.name]
-                for row in rows:
-                    if cursor < row.seq <= horizon and matches(sink.patterns, row.type):
-                        planned.append(_plan(row, sink.name))
-                for row in late:
-                    if row.seq <= cursor and matches(sink.patterns, row.type):
-                        planned.append(_plan(row, sink.name))
-            advance = [name for name, cursor in cursors.items() if horizon > cursor]
-            if planned or advance:
-                with store.write() as conn:
-                    outbox.insert_deliveries(conn, store.dialect, planned, now)
-                    for name in advance:
-                        outbox.advance_cursor(conn, name, horizon, now)
-                added += len(planned)
-            for row in late:
-                self._late_seen.add(row.seq)
-                self._count("late_events")
-                log.warning(
-                    "event committed after fan-out passed its seq; delivered late",
-                    seq=row.seq,
-                    event_id=row.id,
-                )
-            if len(rows) < self.fan_out_limit or not rows or horizon < rows[-1].seq:
+            self._ensure_cursors(now)
+            with self.store.read() as conn:
+                plan = self._plan_fan_out(conn, now)
+            if plan is None:
+                break
+            with self.store.write() as conn:
+                self._apply_fan_out(conn, plan, now)
+            self._after_fan_out(plan)
+            added += len(plan.rows)
+            if not plan.more:
                 break
         return added
+
+    def _ensure_cursors(self, now: float) -> None:
+        if self._cursors_ready:
+            return
+        with self.store.write() as conn:
+            outbox.ensure_cursors(
+                conn,
+                self.store.dialect,
+                {s.name: bool(getattr(s, "replay", self.replay)) for s in self.sinks},
+                now,
+            )
+        self._cursors_ready = True
+
+    def _plan_fan_out(self, conn: Any, now: float) -> _FanOut | None:
+        """What fan-out would write: idempotent, so it may be applied in a later transaction."""
+        cursors = outbox.cursors(conn, self._names)
+        if len(cursors) < len(self._names):  # a cursor row vanished: recreate it next round
+            self._cursors_ready = False
+            return None
+        low = min(cursors.values())
+        rows = outbox.event_window(conn, low, self.fan_out_limit)
+        ranges = self._late_ranges(now)
+        late = outbox.events_in_ranges(conn, ranges) if ranges else []
+        horizon = self._horizon(low, [row.seq for row in rows], now)
+        late = [row for row in late if row.seq <= horizon and row.seq not in self._late_seen]
+        planned: list[dict[str, Any]] = []
+        for sink in self.sinks:
+            cursor = cursors[sink.name]
+            for row in rows:
+                if cursor < row.seq <= horizon and matches(sink.patterns, row.type):
+                    planned.append(_plan(row, sink.name))
+            for row in late:
+                if row.seq <= cursor and matches(sink.patterns, row.type):
+                    planned.append(_plan(row, sink.name))
+        advance = [name for name, cursor in cursors.items() if horizon > cursor]
+        if not planned and not advance:
+            return None
+        more = len(rows) >= self.fan_out_limit and horizon >= rows[-1].seq
+        return _FanOut(planned, advance, horizon, late, {p["sink"] for p in planned}, more)
+
+    def _apply_fan_out(self, conn: Any, plan: _FanOut, now: float) -> None:
+        outbox.insert_deliveries(conn, self.store.dialect, plan.rows, now)
+        for name in plan.advance:
+            outbox.advance_cursor(conn, name, plan.horizon, now)
+
+    def _after_fan_out(self, plan: _FanOut) -> None:
+        for row in plan.late:
+            self._late_seen.add(row.seq)
+            self._count("late_events")
+            log.warning(
+                "event committed after fan-out passed its seq; delivered late",
+                seq=row.seq,
+                event_id=row.id,
+            )
+        if plan.more:
+            self.wake()  # a full window: more events are waiting
 
     def _horizon(self, low: int, seqs: list[int], now: float) -> int:
         """The highest seq fan-out may pass: contiguous from `low`, gaps only once old enough."""
@@ -275,72 +329,84 @@ class Dispatcher:
         # A lease must outlast at least one attempt, or a slow sink would be claimed twice.
         return max(self.lease_seconds, 2 * sink.timeout)
 
-    def _dispatch(self) -> tuple[list[Future[int]], int]:
-        if self._stopping.is_set():
-            return [], 0
+    def _free_workers(self) -> int:
         with self._lock:
-            if self._active >= self.workers:
-                return [], 0
-        now = self.clock()
-        with self.store.read() as conn:
-            due = outbox.due_sinks(conn, self._names, now)
-        if not due:
-            return [], 0
+            return self.workers - self._active
+
+    def _claim(self, conn: Any, due: set[str], now: float) -> list[tuple[Sink, list[Claimed], int]]:
+        """Lease due deliveries of the sinks with free lanes: (sink, claimed, lanes) each."""
+        if self._stopping.is_set() or not due:
+            return []
         start = next(self._rotation) % len(self.sinks)
-        futures: list[Future[int]] = []
-        claimed_total = 0
+        claims = []
+        reserved = 0
         for sink in self.sinks[start:] + self.sinks[:start]:  # take turns at the free workers
             if sink.name not in due:
                 continue
             with self._lock:
                 free = min(
                     self._lane_limit[sink.name] - self._lanes[sink.name],
-                    self.workers - self._active,
+                    self.workers - self._active - reserved,
                 )
             if free <= 0:
                 continue
-            lease_until = now + self._lease_for(sink)
-            with self.store.write() as conn:
-                claimed = outbox.claim(
-                    conn,
-                    self.store.dialect,
-                    sink.name,
-                    self.owner,
-                    now,
-                    lease_until,
-                    self.batch_size,
-                )
-            if not claimed:
-                continue
-            claimed_total += len(claimed)
-            lanes = min(free, len(claimed))
+            claimed = outbox.claim(
+                conn,
+                self.store.dialect,
+                sink.name,
+                self.owner,
+                now,
+                now + self._lease_for(sink),
+                self.batch_size,
+            )
+            if claimed:
+                lanes = min(free, len(claimed))
+                reserved += lanes
+                claims.append((sink, claimed, lanes))
+        return claims
+
+    def _start_lanes(
+        self, claims: list[tuple[Sink, list[Claimed], int]]
+    ) -> tuple[list[Future[int]], int]:
+        futures: list[Future[int]] = []
+        total = 0
+        for sink, claimed, lanes in claims:
+            total += len(claimed)
             with self._lock:
                 self._lanes[sink.name] += lanes
                 self._active += lanes
             for index in range(lanes):
                 futures.append(self._pool.submit(self._lane, sink, claimed[index::lanes]))
-        return futures, claimed_total
+        return futures, total
 
     def _lane(self, sink: Sink, items: list[Claimed]) -> int:
+        """Deliver `items` one after another; record outcomes in few transactions."""
         attempted = 0
+        outcomes: list[_Outcome] = []
+        flushed = time.monotonic()
         try:
             for index, item in enumerate(items):
                 # Don't start an attempt the lease may not cover: give the rest back.
                 if self._stopping.is_set() or self.clock() + sink.timeout >= item.lease_until:
                     self._release(items[index:])
                     break
-                self._attempt(sink, item)
+                outcomes.append(self._attempt(sink, item))
                 attempted += 1
+                if time.monotonic() - flushed >= self.flush_interval:
+                    self._record_all(sink, outcomes)
+                    outcomes, flushed = [], time.monotonic()
         except Exception:
             log.exception("hook delivery lane failed", sink=sink.name)
         finally:
+            if outcomes:
+                self._record_all(sink, outcomes)
             with self._lock:
                 self._lanes[sink.name] -= 1
                 self._active -= 1
             self._wake.set()
         return attempted
 
-    def _attempt(self, sink: Sink, item: Claimed) -> None:
+    def _attempt(self, sink: Sink, item: Claimed) -> _Outcome:
         payload = Event.from_row(item.event).to_payload()
         error: str | None = None
         retryable, retry_after, status_code = True, None, None
@@ -365,66 +431,62 @@ class Dispatcher:
                 else backoff(attempt, base=self.backoff_base, cap=self.backoff_cap)
             )
             status, next_at = PENDING, finished + delay
-        self._record(sink, item, started, finished, error, status_code, status, next_at)
+        return _Outcome(item, started, finished, error, status_code, status, next_at)
 
-    def _record(
-        self,
-        sink: Sink,
-        item: Claimed,
-        started: float,
-        finished: float,
-        error: str | None,
-        status_code: int | None,
-        status: str,
-        next_at: float,
-    ) -> None:
+    def _record_all(self, sink: Sink, outcomes: list[_Outcome]) -> None:
+        """Record attempts and new states in one transaction, each guarded by its lease."""
         try:
             with self.store.write() as conn:
-                kept = outbox.record_attempt(
-                    conn,
-                    item,
-                    self.owner,
-                    started_at=started,
-                    finished_at=finished,
-                    ok=error is None,
-                    error=error,
-                    status_code=status_code,
-                    status=status,
-                    next_attempt_at=next_at,
-                )
+                kept = [
+                    outbox.record_attempt(
+                        conn,
+                        o.item,
+                        self.owner,
+                        started_at=o.started,
+                        finished_at=o.finished,
+                        ok=o.error is None,
+                        error=o.error,
+                        status_code=o.status_code,
+                        status=o.status,
+                        next_attempt_at=o.next_at,
+                    )
+                    for o in outcomes
+                ]
         except Exception:
-            # Not recorded: the lease runs out and the delivery is attempted again.
-            log.exception("cannot record hook delivery attempt", sink=sink.name)
+            # Not recorded: the leases run out and the deliveries are attempted again.
+            log.exception("cannot record hook delivery attempts", sink=sink.name)
             return
+        for outcome, ok in zip(outcomes, kept, strict=True):
+            self._log_outcome(sink, outcome, ok)
+
+    def _log_outcome(self, sink: Sink, o: _Outcome, kept: bool) -> None:
+        event_id = o.item.event.id
         if not kept:
             self._count("lost_lease")
             log.warning(
-                "hook delivery lease lost before recording",
-                sink=sink.name,
-                event_id=item.event.id,
+                "hook delivery lease lost before recording", sink=sink.name, event_id=event_id
             )
-            return
-        if status == DELIVERED:
+        elif o.status == DELIVERED:
             self._count("delivered")
-            return
-        self._count("failed")
-        if status == DEAD:
+        elif o.status == DEAD:
+            self._count("failed")
             self._count("dead")
             log.warning(
                 "hook delivery dead-lettered",
                 sink=sink.name,
-                event_id=item.event.id,
-                attempts=item.attempts + 1,
-                error=error,
+                event_id=event_id,
+                attempts=o.item.attempts + 1,
+                error=o.error,
             )
         else:
+            self._count("failed")
             log.info(
                 "hook delivery failed; will retry",
                 sink=sink.name,
-                event_id=item.event.id,
-                attempt=item.attempts + 1,
-                retry_in=round(next_at - finished, 3),
-                error=error,
+                event_id=event_id,
+                attempt=o.item.attempts + 1,
+                retry_in=round(o.next_at - o.finished, 3),
+                error=o.error,
             )
 
     def _release(self, items: list[Claimed]) -> None:
@@ -469,6 +531,27 @@ class Dispatcher:
         """Events not yet fanned out to at least one of this dispatcher's sinks."""
         with self.store.read() as conn:
             return outbox.backlog(conn, self._names)
+
+
+@dataclass(frozen=True)
+class _FanOut:
+    rows: list[dict[str, Any]]  # deliveries to insert
+    advance: list[str]  # sinks whose cursor moves to `horizon`
+    horizon: int
+    late: list[Any]  # events fanned out after their gap was passed over
+    sinks: set[str]  # sinks that get new deliveries
+    more: bool  # the window was full: more events wait
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    item: Claimed
+    started: float
+    finished: float
+    error: str | None
+    status_code: int | None
+    status: str
+    next_at: float
 
 
 def _plan(row: Any, sink: str) -> dict[str, Any]:
