@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ import orjson
 
 from jobqueue import inputs
 from jobqueue.durations import parse_duration
+from jobqueue.hooks import outbox
 from jobqueue.ids import new_id
 from jobqueue.lifecycle import request_cancel
 from jobqueue.logs import get_logger
@@ -79,6 +80,7 @@ class JobQueue:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.settings.effective_database_url)
         self._daemon: Daemon | None = None
+        self._python_sinks: list[Any] = []
         self._changed = threading.Condition()
 
     def close(self) -> None:
@@ -275,8 +277,38 @@ class JobQueue:
             return
         from jobqueue.daemon import Daemon
 
-        self._daemon = Daemon(self.settings, self.store, provider)
+        self._daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
         self._daemon.start()
+
+    def on(
+        self,
+        patterns: str | list[str],
+        fn: Callable[[dict[str, Any]], object] | None = None,
+        *,
+        name: str | None = None,
+        max_attempts: int = 8,
+    ) -> Any:
+        """Call `fn(event)` for every event whose type matches (`*`, `job.*`, `batch.completed`,
+        or a list), at least once and in order per job, from the running duties' threads.
+
+        Use as `jq.on("job.*", fn)` or as a decorator `@jq.on("job.completed")`. An exception
+        is a failed delivery, retried with backoff up to `max_attempts`. Only events committed
+        after the first registration of a callable are delivered to it.
+        """
+        from jobqueue.hooks.sinks import PythonSink
+
+        def register(target: Callable[[dict[str, Any]], object]) -> Callable[..., object]:
+            sink = PythonSink(target, patterns, name, max_attempts=max_attempts)
+            # Its cursor starts now: every event committed from here on reaches it, even
+            # before `start()`, and a restarted process resumes where it left off.
+            with self.store.write() as conn:
+                outbox.ensure_cursors(conn, self.store.dialect, {sink.name: False}, time.time())
+            self._python_sinks = [s for s in self._python_sinks if s.name != sink.name] + [sink]
+            if self._daemon is not None:
+                self._daemon.set_extra_sinks(self._python_sinks)
+            return target
+
+        return register(fn) if fn is not None else register
 
     def stop(self) -> None:
         """Stop the background duties: steps in hand finish, leases are released."""
@@ -288,7 +320,7 @@ class JobQueue:
         """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt)."""
         from jobqueue.daemon import Daemon
 
-        daemon = Daemon(self.settings, self.store, provider)
+        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
         try:
             daemon.run_forever(stop or threading.Event())
         except KeyboardInterrupt:

@@ -17,7 +17,9 @@ from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import text
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jobqueue.duties.collect import collect_once
 from jobqueue.duties.context import DutyContext, make_owner
@@ -25,7 +27,10 @@ from jobqueue.duties.expire import expire_once
 from jobqueue.duties.reconcile import reconcile_once
 from jobqueue.duties.retry import retry_once
 from jobqueue.duties.submit import submit_once
+from jobqueue.hooks.dispatcher import Dispatcher
+from jobqueue.hooks.sinks import Sink, build_sinks, close_sinks
 from jobqueue.logs import get_logger
+from jobqueue.models import events_table, jobs_table, sink_cursors_table
 from jobqueue.providers import make_provider
 from jobqueue.providers.base import Provider
 from jobqueue.sdnotify import notify, watchdog_interval
@@ -67,6 +72,7 @@ class Daemon:
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         extra_duties: list[Duty] | None = None,
+        sinks: list[Sink] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -96,6 +102,12 @@ class Daemon:
         self._scheduler: BackgroundScheduler | None = None
         self._stopping = threading.Event()
         self.log = log.bind(owner=self.ctx.owner)
+        # Hooks: the config's sinks (owned here) and the embedding program's (not owned).
+        self._config_sinks = build_sinks(settings.hooks)
+        self._extra_sinks = list(sinks or [])
+        self.dispatcher: Dispatcher | None = None
+        self._dispatch_stop = threading.Event()
+        self._dispatch_thread: threading.Thread | None = None
 
     @property
     def owner(self) -> str:
@@ -128,6 +140,7 @@ class Daemon:
             )
         self._scheduler = scheduler
         scheduler.start()
+        self._start_dispatcher()
         notify("READY=1")
         self.log.info(
             "daemon started", duties=list(self.duties), poll_interval=self.settings.poll_interval
@@ -142,6 +155,8 @@ class Daemon:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
+        self._stop_dispatcher()
+        close_sinks(self._config_sinks)
         try:
             with self.store.write() as conn:
                 released = self.store.release_leases(conn, self.owner)
@@ -165,14 +180,93 @@ class Daemon:
             self.stop()
 
     def run_once(self, max_rounds: int = 10_000) -> int:
-        """Run every duty in turn until a whole round moves nothing; return what moved."""
+        """Run every duty in turn until a whole round moves nothing; return what moved.
+
+        Hook deliveries due now are made too; ones waiting for a retry backoff are left for
+        the next run.
+        """
+        dispatcher = self._make_dispatcher()
         total = 0
-        for _ in range(max_rounds):
-            moved = sum(self._call(duty) for duty in self.duties.values())
-            total += moved
-            if not moved:
-                break
+        try:
+            for _ in range(max_rounds):
+                moved = sum(self._call(duty) for duty in self.duties.values())
+                if dispatcher is not None:
+                    moved += dispatcher.run_once()
+                total += moved
+                if not moved:
+                    break
+        finally:
+            if dispatcher is not None:
+                dispatcher.close()
         return total
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return [*self._config_sinks, *self._extra_sinks]
+
+    def set_extra_sinks(self, sinks: list[Sink]) -> None:
+        """Replace the embedding program's sinks; a running dispatcher restarts with them."""
+        running = self._dispatch_thread is not None
+        if running:
+            self._stop_dispatcher()
+        self._extra_sinks = list(sinks)
+        if running or (self.running and not self._stopping.is_set()):
+            self._start_dispatcher()
+
+    def _make_dispatcher(self) -> Dispatcher | None:
+        if not self.sinks:
+            return None
+        self._start_config_cursors()
+        return Dispatcher(self.store, self.sinks, f"{self.owner}/hooks", clock=self.ctx.clock)
+
+    def _start_config_cursors(self) -> None:
+        """A config hook seen for the first time starts with the events of the jobs still
+        open, so jobs submitted before the daemon first ran are reported whole; events of
+        jobs that already ended are not replayed."""
+        names = [sink.name for sink in self._config_sinks]
+        if not names:
+            return
+        c, e, j = sink_cursors_table, events_table, jobs_table
+        with self.store.write() as conn:
+            known = set(conn.execute(select(c.c.sink).where(c.c.sink.in_(names))).scalars())
+            missing = [name for name in names if name not in known]
+            if not missing:
+                return
+            first_open = conn.execute(
+                select(func.min(e.c.seq))
+                .join(j, j.c.id == e.c.job_id)
+                .where(j.c.status.in_(["queued", "running"]))
+            ).scalar_one_or_none()
+            newest = conn.execute(select(func.coalesce(func.max(e.c.seq), 0))).scalar_one()
+            start = first_open - 1 if first_open is not None else newest
+            insert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
+            conn.execute(
+                insert(c).on_conflict_do_nothing(index_elements=["sink"]),
+                [{"sink": n, "last_seq": start, "updated_at": time.time()} for n in missing],
+            )
+
+    def _start_dispatcher(self) -> None:
+        self.dispatcher = self._make_dispatcher()
+        if self.dispatcher is None:
+            return
+        self._dispatch_stop = threading.Event()
+        self._dispatch_thread = threading.Thread(
+            target=self.dispatcher.run_forever,
+            args=(self._dispatch_stop,),
+            name="jobqueue-hooks",
+            daemon=True,
+        )
+        self._dispatch_thread.start()
+
+    def _stop_dispatcher(self) -> None:
+        self._dispatch_stop.set()
+        if self._dispatch_thread is not None:
+            self._dispatch_thread.join(60)
+            self._dispatch_thread = None
+        if self.dispatcher is not None:
+            self.dispatcher.close()
 
     # -- waking -----------------------------------------------------------------------------
 
@@ -208,6 +302,8 @@ class Daemon:
             with state.lock:
                 state.running = False
                 again = state.wake_pending or (moved > 0 and self.duties[name].again_if_moved)
+            if moved and self.dispatcher is not None:
+                self.dispatcher.wake()
             if again:
                 self.wake(name)
 

@@ -14,7 +14,7 @@ import uvicorn
 from jobqueue.emulator.app import create_app
 from jobqueue.emulator.config import EmulatorConfig
 from jobqueue.emulator.engine import Emulator
-from jobqueue.emulator.server import uvicorn_config
+from jobqueue.httpserver import uvicorn_config
 
 _SIM = "simulated seconds, divided by --time-scale"
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import uvicorn
 
 from jobqueue.emulator.app import create_app
 from jobqueue.emulator.config import EmulatorConfig
 from jobqueue.emulator.engine import Emulator
+from jobqueue.httpserver import BackgroundServer
 
 
 @dataclass
@@ -22,20 +19,6 @@ class RunningEmulator:
     emulator: Emulator
     host: str
     port: int
-
-
-def uvicorn_config(app: object, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        lifespan="on",
-        # The emulator is never behind a proxy; skip the header rewriting.
-        proxy_headers=False,
-        timeout_keep_alive=30,
-    )
 
 
 @contextlib.contextmanager
@@ -54,23 +37,16 @@ def serve_in_thread(
         else Emulator(config_or_emulator or EmulatorConfig())
     )
     app = create_app(emulator)
-    server = uvicorn.Server(uvicorn_config(app, host, port))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, name="emulator-uvicorn", daemon=True)
-    thread.start()
+    server = BackgroundServer(app, host, port).start(startup_timeout)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the emulator did not start")
-            time.sleep(0.005)
-        bound = server.servers[0].sockets[0].getsockname()
-        url = f"http://{host}:{bound[1]}"
         yield RunningEmulator(
-            url=url, base_url=f"{url}/v1", emulator=emulator, host=host, port=bound[1]
+            url=server.url,
+            base_url=f"{server.url}/v1",
+            emulator=emulator,
+            host=host,
+            port=server.port,
         )
     finally:
-        server.should_exit = True
-        thread.join(10)
+        server.stop()
         if owned:
             emulator.close()
