@@ -116,6 +116,15 @@ def run_prepare(source: str, staging: str, sync: bool = True) -> dict[str, Any]:
     return {"shards": len(prepared.shards), "requests": prepared.requests}
 
 
+def run_submit(source: str, database_url: str, data_dir: str) -> dict[str, Any]:
+    """Measured callable: the whole `jobqueue submit`, request index rows included."""
+    from jobqueue.api import JobQueue
+
+    with JobQueue(database_url=database_url, data_dir=data_dir) as jq:
+        job = jq.submit(source, "/v1/chat/completions")
+        return {"batches": len(job.batches), "requests": job.request_counts.total}
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3])
@@ -124,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=1_000_000)
     ap.add_argument("--keep", action="store_true", help="keep the generated file and shards")
     ap.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    ap.add_argument(
+        "--postgres-url",
+        help="also measure the whole submit against this PostgreSQL database (it gets a job)",
+    )
     args = ap.parse_args(argv)
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="jobqueue-intake-"))
@@ -150,6 +163,24 @@ def main(argv: list[str] | None = None) -> None:
             {"source": str(source), "staging": str(staging), "sync": False},
         )
         rows.append(("prepare_input (no fsync)", m))
+
+        # The whole submit: validation, shards, and the job, batches and a million request
+        # index rows in the database (one transaction).
+        for label, url in [
+            ("sqlite", f"sqlite:///{work / 'bench.db'}"),
+            ("postgres", args.postgres_url),
+        ]:
+            if url is None:
+                continue
+            data_dir = work / f"data-{label}"
+            shutil.rmtree(data_dir, ignore_errors=True)
+            (work / "bench.db").unlink(missing_ok=True)
+            m = measure_callable(
+                "benchmarks.intake:run_submit",
+                {"source": str(source), "database_url": url, "data_dir": str(data_dir)},
+            )
+            rows.append((f"jobqueue submit ({label})", m))
+            shutil.rmtree(data_dir, ignore_errors=True)
 
         split_dir = work / "split"
         shutil.rmtree(split_dir, ignore_errors=True)

@@ -148,8 +148,10 @@ def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: Remo
     if dest not in _KNOWN or dest == row.status:
         changed = {k: v for k, v in values.items() if getattr(row, k, None) != v}
         changed.pop("refreshed_at", None)
-        if changed or dest == row.status:
-            ctx.store.update_batch(conn, row.id, **values)
+        # Nothing new (the common case for a long-running batch): write nothing, so a cycle
+        # over thousands of open batches costs reads, not commits.
+        if changed:
+            ctx.store.update_batch(conn, row.id, **changed, refreshed_at=now)
         if dest not in _KNOWN:
             log.warning("unknown remote status", batch_id=row.id, status=dest)
         return False
