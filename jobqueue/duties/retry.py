@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Row, and_, bindparam, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, func, select, update
 
 from jobqueue.duties.context import DutyContext
 from jobqueue.ids import new_id
@@ -37,69 +37,99 @@ def retry_once(ctx: DutyContext) -> int:
     return moved
 
 
-def _pending(conn: Connection, job_id: str) -> list[Row]:
+def _pending_by_batch(conn: Connection, job_id: str) -> list[tuple[str, int]]:
+    """(collected batch id, how many of its requests are pending) for one job."""
+    r, b = requests_table, batches_table
+    return [
+        (batch_id, n)
+        for batch_id, n in conn.execute(
+            select(r.c.batch_id, func.count())
+            .join(b, b.c.id == r.c.batch_id)
+            .where(r.c.job_id == job_id, r.c.outcome.is_(None), b.c.collected_at.is_not(None))
+            .group_by(r.c.batch_id)
+            .order_by(r.c.batch_id)
+        ).all()
+    ]
+
+
+def _pending_rows(conn: Connection, job_id: str, batch_ids: list[str]) -> list[Row]:
     r, b = requests_table, batches_table
     return list(
         conn.execute(
             select(
-                r.c.position, r.c.custom_id, r.c.batch_id, r.c.attempt,
-                b.c.input_path, b.c.model, b.c.attempt.label("batch_attempt"),
+                r.c.position, r.c.custom_id, r.c.batch_id, r.c.attempt, b.c.input_path, b.c.model
             )
             .join(b, b.c.id == r.c.batch_id)
-            .where(r.c.job_id == job_id, r.c.outcome.is_(None), b.c.collected_at.is_not(None))
+            .where(r.c.job_id == job_id, r.c.outcome.is_(None), r.c.batch_id.in_(batch_ids))
             .order_by(r.c.position)
         ).all()
-    )  # fmt: skip
+    )
 
 
 def retry_job(ctx: DutyContext, job_id: str) -> int:
+    """Resubmit the job's retryable requests, a group of source batches at a time so memory
+    stays bounded by the batch size; requests that may not be retried get a final outcome."""
     now = ctx.clock()
     with ctx.store.read() as conn:
         job = ctx.store.get_job(conn, job_id)
-        pending = _pending(conn, job_id)
-    if job is None or not pending:
+    if job is None:
         return 0
     may_retry = not job.cancel_requested and (job.deadline_at is None or now < job.deadline_at)
-    retryable = [p for p in pending if may_retry and p.attempt < job.max_attempts]
-    final = [p for p in pending if not (may_retry and p.attempt < job.max_attempts)]
-    if final:
-        _finalise(ctx, job_id, final)
-    if not retryable:
+    finalised = _finalise(ctx, job, retry_allowed=may_retry)
+    made = requests = 0
+    if may_retry:
+        with ctx.store.read() as conn:
+            pending = _pending_by_batch(conn, job_id)
+        for group in _groups(pending, job.max_batch_requests):
+            with ctx.store.read() as conn:
+                rows = _pending_rows(conn, job_id, group)
+            if not rows:
+                continue
+            shards = _write_retry_shards(ctx, job, rows)
+            try:
+                with ctx.store.write() as conn:
+                    made += _record_retry_batches(ctx, conn, job, shards, now)
+            except BaseException:
+                for shard in shards:
+                    Path(shard["path"]).unlink(missing_ok=True)
+                raise
+            requests += len(rows)
+    if not made:
         with ctx.store.write() as conn:
             settle_job(ctx.store, conn, job_id, now=now)
-        return 1 if final else 0
-    shards = _write_retry_shards(ctx, job, retryable)
-    try:
-        with ctx.store.write() as conn:
-            made = _record_retry_batches(ctx, conn, job, shards, now)
-    except BaseException:
-        for shard in shards:
-            Path(shard["path"]).unlink(missing_ok=True)
-        raise
-    log.info(
-        "retrying requests", job_id=job_id, requests=len(retryable), batches=made,
-        final_failures=len(final),
-    )  # fmt: skip
-    return 1
+    if made or finalised:
+        log.info(
+            "retrying requests", job_id=job_id, requests=requests, batches=made,
+            final_failures=finalised,
+        )  # fmt: skip
+    return int(bool(made or finalised))
 
 
-def _finalise(ctx: DutyContext, job_id: str, rows: list[Row]) -> None:
-    """No retry for these: their last recorded error becomes their final outcome."""
-    r = requests_table
+def _groups(pending: list[tuple[str, int]], limit: int) -> list[list[str]]:
+    """Source batches packed greedily into groups of at most `limit` pending requests."""
+    groups: list[list[str]] = []
+    size = limit + 1
+    for batch_id, n in pending:
+        if size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(batch_id)
+        size += n
+    return groups
+
+
+def _finalise(ctx: DutyContext, job: Row, *, retry_allowed: bool) -> int:
+    """Pending requests of collected batches that may not be retried (attempts used up, or no
+    retry allowed at all): their last recorded error becomes their final outcome."""
+    r, b = requests_table, batches_table
+    collected = select(b.c.id).where(b.c.job_id == job.id, b.c.collected_at.is_not(None))
+    condition = [r.c.job_id == job.id, r.c.outcome.is_(None), r.c.batch_id.in_(collected)]
+    if retry_allowed:
+        condition.append(r.c.attempt >= job.max_attempts)
     with ctx.store.write() as conn:
-        result = conn.execute(
-            update(r)
-            .where(
-                and_(
-                    r.c.job_id == job_id,
-                    r.c.position == bindparam("pos"),
-                    r.c.outcome.is_(None),
-                )
-            )
-            .values(outcome="failed"),
-            [{"pos": row.position} for row in rows],
-        )
-        ctx.store.add_job_counts(conn, job_id, 0, result.rowcount or len(rows))
+        failed = conn.execute(update(r).where(*condition).values(outcome="failed")).rowcount or 0
+        ctx.store.add_job_counts(conn, job.id, 0, failed)
+    return failed
 
 
 def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dict[str, Any]]:
