@@ -389,8 +389,10 @@ class JobQueue:
 
     # -- control ----------------------------------------------------------------------------
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a job: queued batches end at once, the daemon cancels the others remotely."""
+    def cancel(self, job_id: str, *, provider: Provider | None = None) -> Job:
+        """Cancel a job: queued batches end at once; submitted ones are cancelled remotely now
+        when the remote answers, else by the daemon's next cycle. Finished requests are kept."""
+        remote = 0
         with self.store.write() as conn:
             row = self.store.find_job(conn, job_id)
             if row is None:
@@ -398,9 +400,32 @@ class JobQueue:
             if row.status in ("queued", "running"):
                 remote = request_cancel(self.store, conn, row.id)
                 log.debug("job cancel requested", job_id=row.id, remote_batches=remote)
-                if remote and self._daemon is not None:
-                    self._daemon.wake("reconcile")
+        if remote:
+            if self._daemon is not None:
+                self._daemon.wake("reconcile")
+            else:
+                self._cancel_remotely(provider)
         return self.get(row.id)
+
+    def _cancel_remotely(self, provider: Provider | None) -> None:
+        """Send the requested cancels at once rather than leave them to a daemon's next cycle.
+        Best effort: whatever fails here, the daemon sends later."""
+        from jobqueue.duties.context import DutyContext
+        from jobqueue.duties.reconcile import send_cancels
+        from jobqueue.providers import make_provider
+
+        try:
+            remote = provider or make_provider(self.settings)
+        except ValueError as exc:  # e.g. no key here: the daemon has one
+            log.info("remote cancel left to the daemon", reason=str(exc))
+            return
+        try:
+            send_cancels(DutyContext(store=self.store, provider=remote, settings=self.settings))
+        except Exception as exc:
+            log.warning("remote cancel failed; the daemon will retry", error=str(exc))
+        finally:
+            if provider is None:
+                remote.close()
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

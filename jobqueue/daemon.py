@@ -8,6 +8,7 @@ runs is remembered and honoured as soon as it finishes, so no wake is ever lost.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,10 @@ from jobqueue.settings import Settings
 from jobqueue.store import Store
 
 log = get_logger("jobqueue.daemon")
+# Our scheduler's own logger: a duty woken while it runs is skipped on purpose (the wake is
+# remembered and honoured right after), which APScheduler would report as a warning.
+_scheduler_logger = logging.getLogger("jobqueue.scheduler")
+_scheduler_logger.setLevel(logging.ERROR)
 
 
 @dataclass
@@ -126,6 +131,7 @@ class Daemon:
             executors={"default": ThreadPoolExecutor(len(self.duties) + 2)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
+            logger=_scheduler_logger,
         )
         now = datetime.now(UTC)
         for duty in self.duties.values():

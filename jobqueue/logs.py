@@ -82,9 +82,6 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, stdlib: bool = 
         logging.basicConfig(
             level=max(numeric, logging.WARNING), handlers=[_StderrHandler()], force=True
         )
-        # A duty woken while it runs is skipped by APScheduler on purpose (the daemon remembers
-        # the wake and runs it right after): not worth a warning.
-        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def get_logger(name: str = "jobqueue", **context: Any) -> Any:
