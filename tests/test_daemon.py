@@ -296,3 +296,19 @@ def test_mixed_models_and_embeddings(queue: JobQueue, tmp_path: Path) -> None:
     records = list(queue.results(job.id))
     assert [r["custom_id"] for r in records] == [f"e{i}" for i in range(90)]
     assert len(records[0]["response"]["body"]["data"][0]["embedding"]) == 8
+
+
+def test_cancel_reaches_the_remote_without_a_daemon(db_url: str, tmp_path: Path) -> None:
+    slow = EmulatorConfig(time_scale=3600, seed=14, api_key=API_KEY, requests_per_minute=0.5)
+    with serve_in_thread(slow) as em:
+        jq = make_queue(db_url, tmp_path / "data", em.base_url)
+        try:
+            job = jq.submit(chat_file(tmp_path / "in.jsonl", 100), ENDPOINT)
+            jq.start()
+            _wait_for(lambda: jq.get(job.id).batches[0].status == "in_progress")
+            jq.stop()  # no daemon from here on: the cancel itself must reach the remote
+            job = jq.cancel(job.id)
+            assert em.emulator.stats()["calls"].get("POST /v1/batches/{id}/cancel") == 1
+            assert job.batches[0].status in ("cancelling", "cancelled")
+        finally:
+            jq.close()
