@@ -7,9 +7,12 @@ Every other key is `JOBQUEUE_<KEY>` in the environment and `<key>` in the file.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from platformdirs import user_data_dir
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
@@ -45,7 +48,16 @@ class HookConfig(BaseModel):
 
     @property
     def sink_name(self) -> str:
-        return self.name or (f"command:{self.command}" if self.command else f"webhook:{self.url}")
+        """A stable name for deliveries and logs that never spells out a URL's path or query
+        or a command's arguments (either may hold a token): host or program, plus a digest."""
+        if self.name:
+            return self.name
+        target = self.command or self.url or ""
+        digest = hashlib.sha256(target.encode()).hexdigest()[:10]
+        if self.command:
+            program = shlex.split(self.command)[0] if self.command.strip() else "command"
+            return f"command:{Path(program).name}#{digest}"
+        return f"webhook:{urlsplit(target).hostname or 'url'}#{digest}"
 
 
 def _duration(value: Any) -> float:
