@@ -372,6 +372,11 @@ class JobQueue:
 
     def _result_lines(self, job_id: str, *, errors_only: bool) -> Iterator[bytes]:
         job = self.get(job_id)
+        if job.purged_at is not None:
+            raise JobQueueError(
+                f"the results of job {job.id} were deleted on {job.purged_at:%Y-%m-%d} "
+                f"(result_retention is {self.settings.result_retention:g}s)"
+            )
         paths = {
             b.id: {
                 k: v

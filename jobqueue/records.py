@@ -127,6 +127,7 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     deadline_at: datetime | None
+    purged_at: datetime | None = None
     batches: tuple[Batch, ...] = ()
 
     @property
@@ -153,6 +154,7 @@ class Job:
             started_at=_dt(row.started_at),
             finished_at=_dt(row.finished_at),
             deadline_at=_dt(row.deadline_at),
+            purged_at=_dt(row.purged_at),
             batches=tuple(Batch.from_row(b) for b in batches or ()),
         )
 
@@ -165,6 +167,7 @@ class Job:
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
             "deadline_at": _iso(self.deadline_at),
+            "purged_at": _iso(self.purged_at),
             "completion_window": self.completion_window,
             "metadata": self.metadata,
             "max_attempts": self.max_attempts,

@@ -312,3 +312,32 @@ def test_cancel_reaches_the_remote_without_a_daemon(db_url: str, tmp_path: Path)
             assert job.batches[0].status in ("cancelling", "cancelled")
         finally:
             jq.close()
+
+
+def test_local_files_are_purged_after_the_retention(db_url: str, tmp_path: Path) -> None:
+    from jobqueue.api import JobQueueError
+    from jobqueue.duties.expire import purge_old_files
+
+    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=15, api_key=API_KEY)) as em:
+        jq = make_queue(db_url, tmp_path / "data", em.base_url, result_retention=0.5)
+        try:
+            job = jq.submit(chat_file(tmp_path / "in.jsonl", 20), ENDPOINT)
+            job = _run(jq, job.id)
+            assert len(list(jq.results(job.id))) == 20
+            jq.stop()
+            job_dir = tmp_path / "data" / "jobs" / job.id
+            assert (job_dir / "results").is_dir()
+            import time
+
+            time.sleep(0.6)
+            from jobqueue.daemon import Daemon
+
+            daemon = Daemon(jq.settings, jq.store)
+            assert purge_old_files(daemon.ctx) == 1
+            assert not job_dir.exists()
+            assert jq.get(job.id).purged_at is not None
+            with pytest.raises(JobQueueError, match="deleted"):
+                list(jq.results(job.id))
+            daemon.stop()
+        finally:
+            jq.close()
