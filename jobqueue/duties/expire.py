@@ -12,6 +12,7 @@ import time
 from sqlalchemy import select, update
 
 from jobqueue.duties.context import DutyContext
+from jobqueue.hooks import outbox
 from jobqueue.lifecycle import fail_pending_requests, settle_job
 from jobqueue.logs import get_logger
 from jobqueue.models import batches_table, jobs_table
@@ -143,6 +144,9 @@ def purge_old_files(ctx: DutyContext) -> int:
         with ctx.store.write() as conn:
             conn.execute(update(j).where(j.c.id == job_id).values(purged_at=now))
         log.info("purged local files", job_id=job_id)
+    # Hook delivery attempts are an audit trail with the same retention.
+    with ctx.store.write() as conn:
+        outbox.purge_attempts(conn, cutoff)
     # Staging dirs of submissions that died before recording their job.
     jobs_dir = ctx.data_dir / "jobs"
     if jobs_dir.is_dir():
