@@ -341,3 +341,33 @@ def test_local_files_are_purged_after_the_retention(db_url: str, tmp_path: Path)
             daemon.stop()
         finally:
             jq.close()
+
+
+def test_azure_variant_runs_a_job(db_url: str, tmp_path: Path) -> None:
+    """The Azure flavour: `api-key` header, `/openai/v1` base URL, 100,000 requests a file."""
+    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=16, api_key=API_KEY)) as em:
+        jq = make_queue(db_url, tmp_path / "data", f"{em.url}/openai/v1", provider="azure")
+        try:
+            job = jq.submit(chat_file(tmp_path / "in.jsonl", 30), ENDPOINT,
+                            max_batch_requests=100_000)  # fmt: skip
+            job = _run(jq, job.id)
+            assert job.status == "completed"
+            assert job.request_counts.completed == 30
+        finally:
+            jq.close()
+
+
+def test_run_once_moves_what_it_can_and_exits(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=17, api_key=API_KEY)) as em:
+        monkeypatch.setenv("JOBQUEUE_BASE_URL", em.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+        args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]
+        with JobQueue(database_url=db_url, data_dir=tmp_path / "data") as jq:
+            job = jq.submit(chat_file(tmp_path / "in.jsonl", 10), ENDPOINT)
+        assert main([*args, "run", "--once"]) == 0
+        with JobQueue(database_url=db_url, data_dir=tmp_path / "data") as jq:
+            batch = jq.get(job.id).batches[0]
+            assert batch.remote_id is not None  # submitted
+            assert batch.status != "queued"
