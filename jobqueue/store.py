@@ -7,9 +7,10 @@ transaction, so two daemons can never both apply one edge and no change goes una
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,10 @@ class Store:
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             )
             _configure_sqlite(self.engine)
+            self._write_lock: AbstractContextManager[Any] = threading.RLock()
         elif self.dialect == "postgresql":
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
+            self._write_lock = nullcontext()
         else:
             raise StoreError(
                 f"unsupported database {self.dialect!r}: use sqlite:/// or postgresql+psycopg://"
@@ -126,8 +129,13 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A write transaction: committed on success, rolled back on any exception."""
-        with self.engine.connect() as conn, conn.begin():
+        """A write transaction: committed on success, rolled back on any exception.
+
+        On SQLite the threads of one process queue on a lock for the write lock: they are woken
+        the moment it is free, where SQLite's busy handler would poll with sleeps of up to
+        100 ms. Other processes still wait in the busy handler.
+        """
+        with self._write_lock, self.engine.connect() as conn, conn.begin():
             yield conn
 
     @contextmanager
