@@ -87,14 +87,30 @@ def measure_command(argv: list[str], stdout_path: Path | None = None) -> Measure
 def measure_callable(target: str, kwargs: dict[str, Any]) -> Measurement:
     """Run `module:function(**kwargs)` in a fresh interpreter; time the call alone.
 
-    Peak RSS is the whole child's (interpreter and imports included).
+    Peak RSS is the whole child's (interpreter and imports included): its own `VmHWM` where
+    /proc has it. wait4's ru_maxrss is not the child's alone on Linux: exec records the
+    high-water RSS of the image it replaces, i.e. the forking parent's (the benchmark with its
+    emulator), so it grows with whatever the parent holds.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         argv = [sys.executable, __file__, "--child", target, orjson.dumps(kwargs).decode()]
         m = measure_command(argv, stdout_path=out)
         report = orjson.loads(out.read_bytes())
-    return Measurement(report["seconds"], m.peak_rss, report.get("result") or {})
+    peak = report.get("peak_rss") or m.peak_rss
+    return Measurement(report["seconds"], peak, report.get("result") or {})
+
+
+def _own_peak_rss() -> int | None:
+    """This process's peak RSS in bytes since its exec (Linux `VmHWM`), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _child(target: str, kwargs_json: str) -> None:
@@ -105,7 +121,8 @@ def _child(target: str, kwargs_json: str) -> None:
     start = time.perf_counter()
     result = fn(**kwargs)
     seconds = time.perf_counter() - start
-    sys.stdout.buffer.write(orjson.dumps({"seconds": seconds, "result": result}))
+    report = {"seconds": seconds, "result": result, "peak_rss": _own_peak_rss()}
+    sys.stdout.buffer.write(orjson.dumps(report))
 
 
 def run_prepare(source: str, staging: str, sync: bool = True) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from jobqueue.ids import new_id
 from jobqueue.lifecycle import request_cancel
 from jobqueue.logs import get_logger
 from jobqueue.records import Event, Job
-from jobqueue.results import iter_result_lines
+from jobqueue.results import iter_result_lines, write_result_lines
 from jobqueue.settings import Settings, load_settings
 from jobqueue.store import Store
 
@@ -357,27 +357,24 @@ class JobQueue:
 
     def export_results(self, job_id: str, out: IO[bytes], *, errors_only: bool = False) -> int:
         """Write the results as JSONL in input order to a binary stream; return lines written."""
-        written = 0
-        buffer: list[bytes] = []
-        for line in self._result_lines(job_id, errors_only=errors_only):
-            buffer.append(line)
-            if len(buffer) >= 4096:
-                out.write(b"\n".join(buffer) + b"\n")
-                written += len(buffer)
-                buffer.clear()
-        if buffer:
-            out.write(b"\n".join(buffer) + b"\n")
-            written += len(buffer)
-        return written
+        job = self.get(job_id)
+        return write_result_lines(
+            self.store, job.id, self._result_paths(job), out, errors_only=errors_only
+        )
 
     def _result_lines(self, job_id: str, *, errors_only: bool) -> Iterator[bytes]:
         job = self.get(job_id)
+        paths = self._result_paths(job)
+        for _row, line in iter_result_lines(self.store, job.id, paths, errors_only=errors_only):
+            yield line
+
+    def _result_paths(self, job: Job) -> dict[str, dict[str, str]]:
         if job.purged_at is not None:
             raise JobQueueError(
                 f"the results of job {job.id} were deleted on {job.purged_at:%Y-%m-%d} "
                 f"(result_retention is {self.settings.result_retention:g}s)"
             )
-        paths = {
+        return {
             b.id: {
                 k: v
                 for k, v in (("output", b.output_path), ("error", b.error_path))
@@ -385,8 +382,6 @@ class JobQueue:
             }
             for b in self._batch_rows(job.id)
         }
-        for _row, line in iter_result_lines(self.store, job.id, paths, errors_only=errors_only):
-            yield line
 
     def _batch_rows(self, job_id: str) -> list[Any]:
         with self.store.read() as conn:
