@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,11 @@ def request_fails(seed: int, batch_id: str, custom_id: str, rate: float) -> bool
     """Whether this request of this batch is one of the `rate` share that fail with a 500."""
     if rate <= 0:
         return False
-    digest = zlib.crc32(f"{seed}:{batch_id}:{custom_id}".encode())
-    return digest / 4294967296.0 < rate
+    # A real hash, not CRC32: CRC is affine in its input, so with two batch ids the failing
+    # sets of the same custom ids came out equal or complementary (a retry at rate 0.5 then
+    # failed all or nothing).
+    digest = hashlib.blake2b(f"{seed}:{batch_id}:{custom_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 18446744073709551616.0 < rate
 
 
 class _LazyFile:
