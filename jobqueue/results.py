@@ -176,25 +176,19 @@ def record_outcomes(
     Requests the files do not mention get `missing_code`. If a request appears in more than one
     line (in both files, say), its first line wins: output lines are read first, so a success.
     """
-    if store.dialect == "postgresql":
-        _record_postgresql(conn, job_id, batch_id, files, can_retry)
-    else:
-        _record_sqlite(conn, job_id, batch_id, files, can_retry)
-    p = "%s" if store.dialect == "postgresql" else "?"
     missing_final = None if (can_retry and missing_code in RETRYABLE_CODES) else "failed"
-    # Every request a line was recorded for now has result_batch_id = this batch; no other can
-    # (the batch is collected once, in this transaction).
-    conn.exec_driver_sql(
-        f"""UPDATE requests SET outcome = {p}, error_code = {p}, status_code = NULL,
-               result_batch_id = NULL, result_kind = NULL, result_offset = NULL,
-               result_length = NULL
-            WHERE job_id = {p} AND batch_id = {p}
-              AND (result_batch_id IS NULL OR result_batch_id <> {p})""",
-        (missing_final, missing_code, job_id, batch_id, batch_id),
-    )
+    if store.dialect != "postgresql":
+        counts, total, recorded = _record_sqlite(conn, job_id, batch_id, files, can_retry)
+        if recorded < total:
+            counts[missing_final or "pending"] += _record_missing(
+                conn, "?", job_id, batch_id, missing_final, missing_code
+            )
+        return counts
+    _record_postgresql(conn, job_id, batch_id, files, can_retry)
+    _record_missing(conn, "%s", job_id, batch_id, missing_final, missing_code)
     counts = {"succeeded": 0, "failed": 0, "pending": 0}
     for outcome, n in conn.exec_driver_sql(
-        f"SELECT outcome, count(*) FROM requests WHERE job_id = {p} AND batch_id = {p} "
+        "SELECT outcome, count(*) FROM requests WHERE job_id = %s AND batch_id = %s "
         "GROUP BY outcome",
         (job_id, batch_id),
     ):
@@ -202,23 +196,62 @@ def record_outcomes(
     return counts
 
 
+def _record_missing(
+    conn: Connection,
+    p: str,
+    job_id: str,
+    batch_id: str,
+    missing_final: str | None,
+    missing_code: str,
+) -> int:
+    """Give the requests no line mentioned `missing_code`; return how many there were. Every
+    request a line was recorded for has result_batch_id = this batch; no other can (a batch is
+    collected once, in one transaction)."""
+    result = conn.exec_driver_sql(
+        f"""UPDATE requests SET outcome = {p}, error_code = {p}, status_code = NULL,
+               result_batch_id = NULL, result_kind = NULL, result_offset = NULL,
+               result_length = NULL
+            WHERE job_id = {p} AND batch_id = {p}
+              AND (result_batch_id IS NULL OR result_batch_id <> {p})""",
+        (missing_final, missing_code, job_id, batch_id, batch_id),
+    )
+    return result.rowcount or 0
+
+
 def _record_sqlite(
     conn: Connection, job_id: str, batch_id: str, files: list[tuple[str, Path]], can_retry: bool
-) -> None:
-    """One UPDATE per line through the (job_id, custom_id) index, streamed from the scan: in
-    SQLite that is cheaper than filling a temporary table and joining it. A line whose request
-    already has this batch's result (an earlier line of the same custom_id) changes nothing."""
-    update = """UPDATE requests SET outcome = ?, status_code = ?, error_code = ?,
-                    result_kind = ?, result_offset = ?, result_length = ?, result_batch_id = ?
-                WHERE job_id = ? AND custom_id = ? AND batch_id = ?
-                  AND (result_batch_id IS NULL OR result_batch_id <> ?)"""
-    rows = (
-        (*row[:6], batch_id, job_id, row[6], batch_id, batch_id)
-        for row in _outcome_rows(files, can_retry)
-    )
+) -> tuple[dict[str, int], int, int]:
+    """One UPDATE by rowid per request, in rowid order; return (counts, requests, recorded).
+
+    The batch's custom ids and rowids come first from the (batch_id, custom_id) index, so a
+    line costs no index search, lines of ids not in this batch are dropped, and the first line
+    of an id wins. Updating in rowid order touches each table page once, in order, where the
+    files' own order (not guaranteed by the remote) would touch them at random. At most one
+    batch of requests is held in memory. Every request of the batch was pending, so the counts
+    are those of the updates themselves."""
     cur = conn.connection.driver_connection.cursor()
     try:
-        cur.executemany(update, rows)
+        rowids = dict(
+            cur.execute(
+                "SELECT custom_id, rowid FROM requests WHERE batch_id = ? AND job_id = ?",
+                (batch_id, job_id),
+            )
+        )
+        updates: dict[int, tuple[Any, ...]] = {}
+        for row in _outcome_rows(files, can_retry):
+            rowid = rowids.get(row[6])
+            if rowid is not None and rowid not in updates:
+                updates[rowid] = (*row[:6], batch_id, rowid)
+        counts = {"succeeded": 0, "failed": 0, "pending": 0}
+        for update in updates.values():
+            counts[update[0] or "pending"] += 1
+        cur.executemany(
+            """UPDATE requests SET outcome = ?, status_code = ?, error_code = ?,
+                   result_kind = ?, result_offset = ?, result_length = ?, result_batch_id = ?
+               WHERE rowid = ?""",
+            [updates[rowid] for rowid in sorted(updates)],
+        )
+        return counts, len(rowids), len(updates)
     finally:
         cur.close()
 
