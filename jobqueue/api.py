@@ -241,12 +241,17 @@ class JobQueue:
 
     # -- queries ----------------------------------------------------------------------------
 
+    def job_row(self, conn: Any, job_id: str) -> Any:
+        """The job's row, by id or unambiguous prefix; `JobNotFound` when there is none."""
+        row = self.store.find_job(conn, job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        return row
+
     def get(self, job_id: str) -> Job:
         """A job with its batches. Accepts an unambiguous prefix of the id."""
         with self.store.read() as conn:
-            row = self.store.find_job(conn, job_id)
-            if row is None:
-                raise JobNotFound(job_id)
+            row = self.job_row(conn, job_id)
             return Job.from_row(row, self.store.job_batches(conn, row.id))
 
     def jobs(self, status: str | None = None, *, limit: int | None = None) -> list[Job]:
@@ -260,10 +265,7 @@ class JobQueue:
         """Outbox events in order, for one job or all."""
         with self.store.read() as conn:
             if job_id is not None:
-                row = self.store.find_job(conn, job_id)
-                if row is None:
-                    raise JobNotFound(job_id)
-                job_id = row.id
+                job_id = self.job_row(conn, job_id).id
             return [
                 Event.from_row(r)
                 for r in self.store.events(conn, job_id, after_seq=after, limit=limit)
@@ -394,9 +396,7 @@ class JobQueue:
         when the remote answers, else by the daemon's next cycle. Finished requests are kept."""
         remote = 0
         with self.store.write() as conn:
-            row = self.store.find_job(conn, job_id)
-            if row is None:
-                raise JobNotFound(job_id)
+            row = self.job_row(conn, job_id)
             if row.status in ("queued", "running"):
                 remote = request_cancel(self.store, conn, row.id)
                 log.debug("job cancel requested", job_id=row.id, remote_batches=remote)

@@ -475,15 +475,11 @@ def _follow(queue: JobQueue, job_id: str | None, last_seq: int | None, as_json: 
 
 
 def _print_dead(queue: JobQueue, job_id: str | None, limit: int | None, as_json: bool) -> None:
-    from jobqueue.api import JobNotFound
     from jobqueue.hooks import outbox
 
     with queue.store.read() as conn:
         if job_id is not None:
-            row = queue.store.find_job(conn, job_id)
-            if row is None:
-                raise JobNotFound(job_id)
-            job_id = row.id
+            job_id = queue.job_row(conn, job_id).id
         dead = outbox.dead_deliveries(conn, job_id, limit=limit)
     if as_json:
         _print_json([d.to_dict() for d in dead])

@@ -429,6 +429,11 @@ class Store:
         )
         return bool(result.rowcount)
 
+    def release_lease(self, batch_id: str) -> None:
+        """Give a batch back (a step failed and will be retried), in its own transaction."""
+        with self.write() as conn:
+            self.update_batch(conn, batch_id, lease_owner=None, lease_until=None)
+
     def release_leases(self, conn: Connection, owner: str) -> int:
         b = batches_table
         result = conn.execute(

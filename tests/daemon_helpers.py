@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from jobqueue.api import JobQueue
@@ -35,3 +37,12 @@ def content_of(record: dict[str, Any]) -> Any:
 
 def remote_batches_per_local_id(emulator: Any) -> Counter[str]:
     return Counter((b.get("metadata") or {}).get("jobqueue_batch_id") for b in emulator.batches())
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)

@@ -12,7 +12,13 @@ import pytest
 from jobqueue.api import JobQueue
 from jobqueue.cli import main
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
-from tests.daemon_helpers import API_KEY, content_of, make_queue, remote_batches_per_local_id
+from tests.daemon_helpers import (
+    API_KEY,
+    content_of,
+    make_queue,
+    remote_batches_per_local_id,
+    wait_until,
+)
 from tests.factories import chat_file, write_jsonl
 
 ENDPOINT = "/v1/chat/completions"
@@ -116,7 +122,7 @@ def test_cancel_after_submission_reaches_the_remote(db_url: str, tmp_path: Path)
         try:
             job = jq.submit(chat_file(tmp_path / "in.jsonl", 400), ENDPOINT, max_batch_requests=200)
             jq.start()
-            _wait_for(lambda: all(b.status == "in_progress" for b in jq.get(job.id).batches))
+            wait_until(lambda: all(b.status == "in_progress" for b in jq.get(job.id).batches))
             jq.cancel(job.id)
             job = jq.wait(job.id, timeout=60)
             assert job.status == "cancelled"
@@ -265,21 +271,11 @@ def test_stuck_batch_raises_an_event_once(db_url: str, tmp_path: Path) -> None:
         try:
             job = jq.submit(chat_file(tmp_path / "in.jsonl", 20), ENDPOINT)
             jq.start()
-            _wait_for(lambda: any(e.type == "batch.stuck" for e in jq.events(job.id)), 30)
+            wait_until(lambda: any(e.type == "batch.stuck" for e in jq.events(job.id)), 30)
             stuck = [e for e in jq.events(job.id) if e.type == "batch.stuck"]
             assert len(stuck) == 1 and stuck[0].data["status"] == "finalizing"
         finally:
             jq.close()
-
-
-def _wait_for(predicate, timeout: float = 30) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def test_mixed_models_and_embeddings(queue: JobQueue, tmp_path: Path) -> None:
@@ -305,7 +301,7 @@ def test_cancel_reaches_the_remote_without_a_daemon(db_url: str, tmp_path: Path)
         try:
             job = jq.submit(chat_file(tmp_path / "in.jsonl", 100), ENDPOINT)
             jq.start()
-            _wait_for(lambda: jq.get(job.id).batches[0].status == "in_progress")
+            wait_until(lambda: jq.get(job.id).batches[0].status == "in_progress")
             jq.stop()  # no daemon from here on: the cancel itself must reach the remote
             job = jq.cancel(job.id)
             assert em.emulator.stats()["calls"].get("POST /v1/batches/{id}/cancel") == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
 from jobqueue.settings import HookConfig
-from tests.daemon_helpers import API_KEY, make_queue
+from tests.daemon_helpers import API_KEY, make_queue, wait_until
 from tests.factories import chat_file
 
 
@@ -40,25 +40,16 @@ def test_callback_and_command_get_every_event_in_order(db_url: str, tmp_path: Pa
             jq.start()
             job = jq.wait(job.id, timeout=60)
             stored = [e.id for e in jq.events(job.id)]
-            _wait_until(lambda: len(seen) >= len(stored))
+            wait_until(lambda: len(seen) >= len(stored))
             assert [e["id"] for e in seen] == stored  # every event once, in order
             assert seen[0]["type"] == "job.queued" and seen[-1]["type"] == "job.completed"
             assert set(seen[-1]) == {"id", "type", "created_at", "job_id", "batch_id", "from",
                                      "to", "data"}  # fmt: skip
             assert API_KEY not in json.dumps(seen)
-            _wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3)
+            wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3)
             lines = log.read_text().splitlines()
             types = [line.split(" ", 1)[0] for line in lines]
             assert types == ["job.queued", "job.running", "job.completed"]
             assert json.loads(lines[-1].split(" ", 1)[1])["job_id"] == job.id
         finally:
             jq.close()
-
-
-def _wait_until(predicate, timeout: float = 30) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.05)

@@ -113,7 +113,7 @@ def _record(ctx: DutyContext, row: Row, fetched: _Fetched) -> int:
     if fetched.downloaded:
         ctx.count("collected_bytes", fetched.downloaded)
     if fetched.failed:
-        _release(ctx, row.id)
+        ctx.store.release_lease(row.id)
         return 0
     files, missing_code = fetched.files, fetched.missing_code
     bound = log.bind(job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id)
@@ -150,8 +150,3 @@ def _record(ctx: DutyContext, row: Row, fetched: _Fetched) -> int:
         settle_job(ctx.store, conn, row.job_id, now=now)
     bound.info("collected", status=row.status, **counts)
     return 1
-
-
-def _release(ctx: DutyContext, batch_id: str) -> None:
-    with ctx.store.write() as conn:
-        ctx.store.update_batch(conn, batch_id, lease_owner=None, lease_until=None)

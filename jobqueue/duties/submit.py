@@ -98,7 +98,7 @@ def recover_submitting(ctx: DutyContext) -> int:
             )
         except RemoteError as exc:
             log.warning("recovery lookup failed", batch_id=row.id, error=str(exc))
-            _release(ctx, row.id)
+            ctx.store.release_lease(row.id)
             continue
         if found is not None:
             log.info("adopting remote batch after restart", batch_id=row.id, remote_id=found.id)
@@ -229,8 +229,3 @@ def _fail(ctx: DutyContext, row: Row, exc: Exception) -> None:
         if failed is not None:
             fail_pending_requests(conn, row.job_id, row.id, code)
             settle_job(ctx.store, conn, row.job_id, now=now)
-
-
-def _release(ctx: DutyContext, batch_id: str) -> None:
-    with ctx.store.write() as conn:
-        ctx.store.update_batch(conn, batch_id, lease_owner=None, lease_until=None)
