@@ -35,7 +35,6 @@ log = get_logger("jobqueue.api")
 
 # What the remote accepts for one batch input file.
 REMOTE_MAX_BYTES = 200 * 1024 * 1024
-REMOTE_MAX_REQUESTS = {"openai": 50_000, "azure": 100_000}
 COMPLETION_WINDOWS = ("24h",)
 # Remote metadata holds 16 pairs; jobqueue keeps two for itself (its job and batch ids).
 MAX_USER_METADATA = 14
@@ -215,7 +214,7 @@ class JobQueue:
                 f"completion window {completion_window!r} is not accepted by the remote; "
                 f"use {', '.join(COMPLETION_WINDOWS)}"
             )
-        remote_max = REMOTE_MAX_REQUESTS.get(self.settings.provider, 50_000)
+        remote_max = _provider_class(self.settings.provider).max_requests_per_file
         requests_limit = max_batch_requests or remote_max
         if not 1 <= requests_limit <= remote_max:
             raise InvalidOptions(f"--max-batch-requests must be between 1 and {remote_max}")
@@ -426,6 +425,13 @@ class JobQueue:
         finally:
             if provider is None:
                 remote.close()
+
+
+def _provider_class(name: str) -> Any:
+    from jobqueue.providers.azure import AzureOpenAIProvider
+    from jobqueue.providers.openai import OpenAIProvider
+
+    return AzureOpenAIProvider if name == "azure" else OpenAIProvider
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, func, select, update
 
 from jobqueue.models import batches_table, jobs_table, requests_table
 from jobqueue.states import BATCH_TERMINAL, BatchStatus, JobStatus
@@ -82,15 +82,7 @@ def settle_job(store: Store, conn: Connection, job_id: str, now: float | None = 
     job = store.get_job(conn, job_id)
     if job is None or job.status not in (J.QUEUED, J.RUNNING):
         return None
-    unsettled = conn.execute(
-        select(func.count())
-        .select_from(batches_table)
-        .where(
-            batches_table.c.job_id == job_id,
-            ~and_(batches_table.c.status.in_(_TERMINAL), batches_table.c.collected_at.is_not(None)),
-        )
-    ).scalar_one()
-    if unsettled:
+    if store.unsettled_batches(conn, job_id):
         return None
     pending = conn.execute(
         select(func.count())
@@ -100,28 +92,21 @@ def settle_job(store: Store, conn: Connection, job_id: str, now: float | None = 
     if pending:
         # Every batch is done but some requests wait for a retry batch not yet made.
         return None
+    values = {}
     if job.cancel_requested:
         dest = J.CANCELLED
     elif job.deadline_at is not None and now >= job.deadline_at:
         dest = J.EXPIRED
-    elif job.requests_succeeded == 0 and _all_failed_validation(store, conn, job_id):
+    elif (
+        job.requests_succeeded == 0
+        and (batches := store.job_batches(conn, job_id))
+        and all(b.status == B.FAILED for b in batches)
+    ):
+        # Nothing ran: every batch failed (validation, or refused at submission).
         dest = J.FAILED
+        if not job.error:
+            values["error"] = next((b.last_error for b in batches if b.last_error), None)
     else:
         dest = J.COMPLETED
-    values = {}
-    if dest == J.FAILED and not job.error:
-        values["error"] = _first_batch_error(store, conn, job_id)
     row = store.transition_job(conn, job_id, job.status, dest, values=values, now=now)
     return dest if row is not None else None
-
-
-def _all_failed_validation(store: Store, conn: Connection, job_id: str) -> bool:
-    batches = store.job_batches(conn, job_id)
-    return bool(batches) and all(b.status == B.FAILED for b in batches)
-
-
-def _first_batch_error(store: Store, conn: Connection, job_id: str) -> str | None:
-    for batch in store.job_batches(conn, job_id):
-        if batch.last_error:
-            return batch.last_error
-    return None

@@ -387,14 +387,6 @@ class Store:
             stmt = stmt.limit(limit)
         return list(conn.execute(stmt).all())
 
-    def count_requests(self, conn: Connection, job_id: str) -> dict[str | None, int]:
-        rows = conn.execute(
-            select(requests_table.c.outcome, func.count())
-            .where(requests_table.c.job_id == job_id)
-            .group_by(requests_table.c.outcome)
-        ).all()
-        return {outcome: n for outcome, n in rows}
-
     # -- claiming work with leases ------------------------------------------------------------
 
     def take_lease(
@@ -554,10 +546,6 @@ class Store:
             .scalars()
             .all()
         )
-
-    def open_jobs(self, conn: Connection) -> list[Row]:
-        j = jobs_table
-        return list(conn.execute(select(j).where(j.c.status.in_(["queued", "running"]))).all())
 
     def add_job_counts(self, conn: Connection, job_id: str, succeeded: int, failed: int) -> None:
         if not succeeded and not failed:

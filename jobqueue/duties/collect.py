@@ -68,11 +68,6 @@ class _Fetched:
     failed: bool = False  # a download failed: release the batch for a later try
 
 
-def collect_batch(ctx: DutyContext, row: Row) -> int:
-    """Download the results of one leased batch and record them; 1 if it was collected."""
-    return _record(ctx, row, fetch_results(ctx, row))
-
-
 def fetch_results(ctx: DutyContext, row: Row) -> _Fetched:
     """Download the batch's output and error files (those not on disk yet). Touches neither the
     database nor `ctx.stats`, so it may run in another thread."""

@@ -9,7 +9,6 @@ leftovers each become one new batch, not twenty.
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -240,7 +239,3 @@ def _record_retry_batches(
         next_index += 1
         made += 1
     return made
-
-
-def remove_job_files(job_dir: Path) -> None:
-    shutil.rmtree(job_dir, ignore_errors=True)
