@@ -139,6 +139,7 @@ def _job(now: float) -> tuple[dict[str, Any], dict[str, Any]]:
     batch = {
         "id": batch_id,
         "job_id": job_id,
+        "number": 1,
         "status": "queued",
         "shard_index": 0,
         "attempt": 1,
@@ -182,6 +183,7 @@ def write_events(
             with store.write() as conn:
                 if step == 0:
                     job, batch = _job(time.time())
+                    job["number"] = store.next_job_number(conn)
                     store.insert_job(conn, job, [batch])
                     slot[0], slot[1] = job["id"], batch["id"]
                     written += 2

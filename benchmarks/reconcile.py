@@ -74,6 +74,7 @@ def insert_local_rows(store: Any, remotes: list[dict[str, Any]]) -> str:
             {
                 "id": new_id("batch"),
                 "job_id": job_id,
+                "number": i + 1,
                 "status": status,
                 "shard_index": i,
                 "attempt": 1,
@@ -95,6 +96,7 @@ def insert_local_rows(store: Any, remotes: list[dict[str, Any]]) -> str:
         conn.execute(
             insert(jobs_table).values(
                 id=job_id,
+                number=store.next_job_number(conn),
                 status="running",
                 endpoint="/v1/chat/completions",
                 user_metadata={},

@@ -20,6 +20,7 @@ from jobqueue import inputs
 from jobqueue.durations import parse_duration
 from jobqueue.hooks import outbox
 from jobqueue.ids import new_id
+from jobqueue.intake import RequestIndexLoader, batch_number_of
 from jobqueue.lifecycle import request_cancel
 from jobqueue.logs import get_logger
 from jobqueue.records import Event, Job
@@ -131,55 +132,55 @@ class JobQueue:
             max_bytes=options["max_batch_bytes"],
             max_embedding_inputs=min(options["max_batch_requests"], 50_000),
         )
-        prepared = inputs.prepare_input(source, endpoint, staging, limits)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            shards = prepared.move_to(final).shards
-            batch_ids = [new_id("batch") for _ in shards]
-            job = {
-                "id": job_id,
-                "status": "queued",
-                "endpoint": endpoint,
-                "completion_window": options["completion_window"],
-                "user_metadata": options["metadata"],
-                "max_attempts": options["max_attempts"],
-                "deadline_at": now + options["deadline"] if options["deadline"] else None,
-                "source": str(source.resolve()),
-                "input_dir": str(final),
-                "max_batch_requests": options["max_batch_requests"],
-                "max_batch_bytes": options["max_batch_bytes"],
-                "request_count": prepared.requests,
-                "bytes": prepared.bytes,
-                "created_at": now,
-                "updated_at": now,
-            }
-            batches = [
-                {
-                    "id": batch_id,
-                    "job_id": job_id,
+            # One transaction from the first shard to the commit: the request index is written
+            # while the file is still being read (see `intake`), and a refused file leaves
+            # nothing. On SQLite other writers wait meanwhile (readers do not).
+            with self.store.write() as conn:
+                job_number = self.store.next_job_number(conn)
+                with RequestIndexLoader(self.store, conn, job_number) as loader:
+                    prepared = inputs.prepare_input(
+                        source, endpoint, staging, limits, on_shard=loader.add
+                    )
+                final.parent.mkdir(parents=True, exist_ok=True)
+                shards = prepared.move_to(final).shards
+                job = {
+                    "id": job_id,
+                    "number": job_number,
                     "status": "queued",
-                    "shard_index": shard.index,
-                    "attempt": 1,
-                    "model": shard.model,
-                    "input_path": str(shard.path),
-                    "request_count": shard.requests,
-                    "bytes": shard.bytes,
-                    "estimated_tokens": shard.estimated_tokens,
+                    "endpoint": endpoint,
+                    "completion_window": options["completion_window"],
+                    "user_metadata": options["metadata"],
+                    "max_attempts": options["max_attempts"],
+                    "deadline_at": now + options["deadline"] if options["deadline"] else None,
+                    "source": str(source.resolve()),
+                    "input_dir": str(final),
+                    "max_batch_requests": options["max_batch_requests"],
+                    "max_batch_bytes": options["max_batch_bytes"],
+                    "request_count": prepared.requests,
+                    "bytes": prepared.bytes,
                     "created_at": now,
                     "updated_at": now,
                 }
-                for batch_id, shard in zip(batch_ids, shards, strict=True)
-            ]
-            with self.store.write() as conn:
+                batches = [
+                    {
+                        "id": new_id("batch"),
+                        "job_id": job_id,
+                        "number": batch_number_of(shard),
+                        "status": "queued",
+                        "shard_index": shard.index,
+                        "attempt": 1,
+                        "model": shard.model,
+                        "input_path": str(shard.path),
+                        "request_count": shard.requests,
+                        "bytes": shard.bytes,
+                        "estimated_tokens": shard.estimated_tokens,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for shard in shards
+                ]
                 self.store.insert_job(conn, job, batches)
-                self.store.insert_requests(
-                    conn,
-                    (
-                        (job_id, position, custom_id, batch_id, 1)
-                        for batch_id, shard in zip(batch_ids, shards, strict=True)
-                        for position, custom_id in inputs.iter_shard_requests(shard)
-                    ),
-                )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(final.parent, ignore_errors=True)
@@ -359,34 +360,33 @@ class JobQueue:
     def export_results(self, job_id: str, out: IO[bytes], *, errors_only: bool = False) -> int:
         """Write the results as JSONL in input order to a binary stream; return lines written."""
         job = self.get(job_id)
-        return write_result_lines(
-            self.store, job.id, self._result_paths(job), out, errors_only=errors_only
-        )
+        number, paths = self._result_paths(job)
+        return write_result_lines(self.store, number, paths, out, errors_only=errors_only)
 
     def _result_lines(self, job_id: str, *, errors_only: bool) -> Iterator[bytes]:
         job = self.get(job_id)
-        paths = self._result_paths(job)
-        for _row, line in iter_result_lines(self.store, job.id, paths, errors_only=errors_only):
+        number, paths = self._result_paths(job)
+        for _row, line in iter_result_lines(self.store, number, paths, errors_only=errors_only):
             yield line
 
-    def _result_paths(self, job: Job) -> dict[str, dict[str, str]]:
+    def _result_paths(self, job: Job) -> tuple[int, dict[int, dict[str, str]]]:
+        """The job's number and, by batch number, the result files the export reads."""
         if job.purged_at is not None:
             raise JobQueueError(
                 f"the results of job {job.id} were deleted on {job.purged_at:%Y-%m-%d} "
                 f"(result_retention is {self.settings.result_retention:g}s)"
             )
-        return {
-            b.id: {
+        with self.store.read() as conn:
+            row = self.job_row(conn, job.id)
+            batches = self.store.job_batches(conn, job.id)
+        return row.number, {
+            b.number: {
                 k: v
                 for k, v in (("output", b.output_path), ("error", b.error_path))
                 if v is not None
             }
-            for b in self._batch_rows(job.id)
+            for b in batches
         }
-
-    def _batch_rows(self, job_id: str) -> list[Any]:
-        with self.store.read() as conn:
-            return self.store.job_batches(conn, job_id)
 
     # -- control ----------------------------------------------------------------------------
 

@@ -19,10 +19,13 @@ import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import func, select
 
 from jobqueue.api import JobQueue
 from jobqueue.logs import configure_logging
+from jobqueue.models import requests_table
 from jobqueue.records import Event, Job
+from jobqueue.store import job_number_of
 
 out = Console(highlight=False, soft_wrap=True)
 DEMO_KEY = "sk-jobqueue-demo"
@@ -183,11 +186,13 @@ def _summary(
         else:
             outcomes["succeeded"] += 1
     with queue.store.read() as conn:
-        retried = conn.exec_driver_sql(
-            "SELECT count(*) FROM requests WHERE job_id = ? AND attempt > 1"
-            if queue.store.dialect == "sqlite"
-            else "SELECT count(*) FROM requests WHERE job_id = %s AND attempt > 1",
-            (job.id,),
+        retried = conn.execute(
+            select(func.count())
+            .select_from(requests_table)
+            .where(
+                requests_table.c.job_number == job_number_of(job.id),
+                requests_table.c.attempt > 1,
+            )
         ).scalar_one()
     shards = sum(1 for b in job.batches if b.attempt == 1)
     table = Table(title=f"{job.id} {job.status} in {seconds:.1f}s", box=None, show_header=False)

@@ -46,6 +46,7 @@ __all__ = [
     "check_endpoint",
     "iter_shard_requests",
     "prepare_input",
+    "shard_request_json",
 ]
 
 ENDPOINTS: frozenset[str] = frozenset(
@@ -163,6 +164,23 @@ class PreparedInput:
             for s in self.shards
         ]
         return replace(self, staging_dir=dest, shards=shards)
+
+
+def _json_array(path: Path) -> bytes:
+    """A file of one JSON value a line as one JSON array (values never hold a raw newline)."""
+    data = Path(path).read_bytes()
+    return b"[" + data.rstrip(b"\n").replace(b"\n", b",") + b"]"
+
+
+def shard_request_json(shard: Shard) -> tuple[str, int | None]:
+    """The shard's requests as JSON for a bulk insert, without a Python object per request
+    when the shard's positions are contiguous: (array of custom ids, first position). Otherwise
+    (array of [position, custom_id] pairs, None)."""
+    ids = _json_array(shard.ids_path)
+    if shard.positions_path is None:
+        return ids.decode(), shard.first_position
+    pairs = zip(orjson.loads(_json_array(shard.positions_path)), orjson.loads(ids), strict=True)
+    return orjson.dumps(list(pairs)).decode(), None
 
 
 def iter_shard_requests(shard: Shard) -> Iterator[tuple[int, str]]:
@@ -311,8 +329,14 @@ def prepare_input(
     limits: Limits = Limits(),
     *,
     sync: bool = True,
+    on_shard: Callable[[Shard], None] | None = None,
 ) -> PreparedInput:
     """Validate `source` and write its shards into `staging_dir` (created; must be empty).
+
+    `on_shard` is called with each shard as soon as it is complete (closed, and fsynced with
+    `sync`), in the order shards complete, while the rest of the file is still being read: the
+    caller can start on it (the request index is written this way). A shard handed over may
+    still belong to a file that fails later.
 
     Raises InputError (after scanning the whole file) when the file or any line is refused, and
     then removes everything it wrote, `staging_dir` included. With `sync`, shard files and the
@@ -333,7 +357,7 @@ def prepare_input(
             raise FileExistsError(f"staging dir {staging_dir} is not empty")
         open_shards: dict[str | None, _OpenShard] = {}
         try:
-            return _prepare(f, source, endpoint, staging_dir, limits, sync, open_shards)
+            return _prepare(f, source, endpoint, staging_dir, limits, sync, open_shards, on_shard)
         except BaseException:
             for sh in open_shards.values():
                 sh.abandon()
@@ -396,7 +420,14 @@ def _prepare(
     limits: Limits,
     sync: bool,
     open_shards: dict[str | None, _OpenShard],
+    on_shard: Callable[[Shard], None] | None,
 ) -> PreparedInput:
+    def finish(shard: _OpenShard) -> None:
+        closed = shard.close(sync)
+        done.append(closed)
+        if on_shard is not None:
+            on_shard(closed)
+
     max_line = min(limits.max_line_bytes, limits.max_bytes)
     max_requests, max_bytes = limits.max_requests, limits.max_bytes
     max_inputs = limits.max_embedding_inputs
@@ -515,12 +546,12 @@ def _prepare(
             c_req >= max_requests or c_bytes + size > max_bytes or c_in + inputs > max_inputs
         ):
             cur.requests, cur.bytes, cur.inputs, cur.next_position = c_req, c_bytes, c_in, c_next
-            done.append(open_shards.pop(model).close(sync))
+            finish(open_shards.pop(model))
             cur = None
         if cur is None:
             if len(open_shards) >= MAX_OPEN_SHARDS:
                 oldest = min(open_shards, key=lambda m: open_shards[m].next_position)
-                done.append(open_shards.pop(oldest).close(sync))
+                finish(open_shards.pop(oldest))
             cur = open_shards[model] = _OpenShard(staging, next_index, model, position)
             cur_model = model
             next_index += 1
@@ -551,7 +582,7 @@ def _prepare(
     if problems.total:
         raise InputError(source, problems.kept, problems.total)
     for model in list(open_shards):
-        done.append(open_shards.pop(model).close(sync))
+        finish(open_shards.pop(model))
     done.sort(key=lambda s: s.index)
     if sync:
         fd = os.open(staging, os.O_RDONLY)

@@ -12,7 +12,7 @@ from sqlalchemy import Connection, func, select, update
 
 from jobqueue.models import batches_table, jobs_table, requests_table
 from jobqueue.states import BATCH_TERMINAL, BatchStatus, JobStatus
-from jobqueue.store import Store
+from jobqueue.store import Store, job_number_of, requests_of_batch
 
 B = BatchStatus
 J = JobStatus
@@ -23,11 +23,7 @@ def fail_pending_requests(conn: Connection, job_id: str, batch_id: str, error_co
     """Give every still-pending request of a batch a final `error_code` failure; count them."""
     result = conn.execute(
         update(requests_table)
-        .where(
-            requests_table.c.job_id == job_id,
-            requests_table.c.batch_id == batch_id,
-            requests_table.c.outcome.is_(None),
-        )
+        .where(*requests_of_batch(batch_id), requests_table.c.outcome.is_(None))
         .values(outcome="failed", error_code=error_code)
     )
     failed = result.rowcount or 0
@@ -87,7 +83,10 @@ def settle_job(store: Store, conn: Connection, job_id: str, now: float | None = 
     pending = conn.execute(
         select(func.count())
         .select_from(requests_table)
-        .where(requests_table.c.job_id == job_id, requests_table.c.outcome.is_(None))
+        .where(
+            requests_table.c.job_number == job_number_of(job_id),
+            requests_table.c.outcome.is_(None),
+        )
     ).scalar_one()
     if pending:
         # Every batch is done but some requests wait for a retry batch not yet made.

@@ -35,6 +35,8 @@ class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
 
     id: str = Field(primary_key=True, max_length=64)
+    # A small integer key for the request index: a million requests repeat it a million times.
+    number: int = Field(sa_column=Column(BigInteger, nullable=False, unique=True))
     status: str = Field(index=True, max_length=16)
     endpoint: str = Field(max_length=64)
     completion_window: str = Field(default="24h", max_length=16)
@@ -68,10 +70,15 @@ class JobRow(SQLModel, table=True):
 
 class BatchRow(SQLModel, table=True):
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_status_not_before", "status", "not_before"),)
+    __table_args__ = (
+        Index("ix_batches_status_not_before", "status", "not_before"),
+        UniqueConstraint("job_id", "number"),
+    )
 
     id: str = Field(primary_key=True, max_length=64)
     job_id: str = Field(foreign_key="jobs.id", index=True, max_length=64)
+    # 1, 2, 3… within the job: the request index names batches by it.
+    number: int
     status: str = Field(max_length=16)
     shard_index: int
     attempt: int = 1
@@ -123,24 +130,34 @@ class BatchRow(SQLModel, table=True):
 
 
 class RequestRow(SQLModel, table=True):
+    """One request of a job: where it is now and where its outcome's line is.
+
+    Keyed by small integers (`jobs.number`, `batches.number`) rather than the text ids, and
+    clustered on (job_number, position) (`WITHOUT ROWID` on SQLite): a row is ~35 bytes in one
+    B-tree instead of ~265 bytes in four, which is what makes a million-request intake and
+    collection fast. No foreign key: rows are only ever written with their job, in its
+    transaction, and a per-row check would cost more than the row itself.
+    """
+
     __tablename__ = "requests"
     __table_args__ = (
-        UniqueConstraint("job_id", "custom_id"),
-        Index("ix_requests_batch_id_custom_id", "batch_id", "custom_id"),
+        Index("ix_requests_job_number_batch_number", "job_number", "batch_number"),
+        {"sqlite_with_rowid": False},
     )
 
-    job_id: str = Field(foreign_key="jobs.id", primary_key=True, max_length=64)
+    job_number: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    # 0-based ordinal of the request in the input file.
     position: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     custom_id: str = Field(sa_column=Column(Text, nullable=False))
     # The batch that holds the request now (its latest attempt).
-    batch_id: str = Field(max_length=64)
+    batch_number: int
     attempt: int = 1
     # None while pending; `succeeded` or `failed` once the holding batch was collected.
     outcome: str | None = Field(default=None, max_length=16)
     status_code: int | None = None
     error_code: str | None = Field(default=None, max_length=128)
-    # Where the outcome's line is: in the output or error file of `result_batch_id`.
-    result_batch_id: str | None = Field(default=None, max_length=64)
+    # Where the outcome's line is: in the output or error file of batch `result_batch_number`.
+    result_batch_number: int | None = None
     result_kind: str | None = Field(default=None, max_length=8)
     result_offset: int | None = Field(default=None, sa_column=Column(BigInteger))
     result_length: int | None = None

@@ -1,9 +1,9 @@
 """Result files: per-request outcomes from streamed output and error files, and the ordered merge.
 
 Collection never holds a file in memory: lines are scanned one at a time (a success line without
-parsing its body) and their outcomes go to the database as they come: one UPDATE per line on
-SQLite, a temporary table joined onto the requests in one UPDATE on PostgreSQL. The index then
-records, for each request, where its line is (batch, file, offset, length), so the
+parsing its body) and their outcomes go to the database a batch at a time: updates by primary
+key, through `executemany` on SQLite and JSON rows parsed by the server on PostgreSQL. The index
+then records, for each request, where its line is (batch, file, offset, length), so the
 export in input order reads each line straight from disk.
 """
 
@@ -163,8 +163,8 @@ def record_outcomes(
     store: Store,
     conn: Connection,
     *,
-    job_id: str,
-    batch_id: str,
+    job_number: int,
+    batch_number: int,
     files: list[tuple[str, Path]],
     can_retry: bool,
     missing_code: str,
@@ -175,121 +175,96 @@ def record_outcomes(
     duty to resubmit, but its line is recorded so results can show it if no retry ever runs.
     Requests the files do not mention get `missing_code`. If a request appears in more than one
     line (in both files, say), its first line wins: output lines are read first, so a success.
+
+    The batch's custom ids come first (custom_id -> position, from the (job, batch) index), so
+    lines of ids the batch does not hold are dropped, and each line becomes an update by primary
+    key, applied in position order (each page of the clustered index touched once, in order).
+    At most one batch of updates is held in memory. Every request of the batch was pending, so
+    the counts are those of the updates themselves.
     """
     missing_final = None if (can_retry and missing_code in RETRYABLE_CODES) else "failed"
-    if store.dialect != "postgresql":
-        counts, total, recorded = _record_sqlite(conn, job_id, batch_id, files, can_retry)
-        if recorded < total:
-            counts[missing_final or "pending"] += _record_missing(
-                conn, "?", job_id, batch_id, missing_final, missing_code
-            )
-        return counts
-    _record_postgresql(conn, job_id, batch_id, files, can_retry)
-    _record_missing(conn, "%s", job_id, batch_id, missing_final, missing_code)
+    p = "%s" if store.dialect == "postgresql" else "?"
+    positions = dict(
+        conn.exec_driver_sql(
+            f"SELECT custom_id, position FROM requests "
+            f"WHERE job_number = {p} AND batch_number = {p}",
+            (job_number, batch_number),
+        ).all()
+    )
+    updates: dict[int, tuple[Any, ...]] = {}
+    for row in _outcome_rows(files, can_retry):
+        position = positions.get(row[6])
+        if position is not None and position not in updates:
+            updates[position] = row[:6]
     counts = {"succeeded": 0, "failed": 0, "pending": 0}
-    for outcome, n in conn.exec_driver_sql(
-        "SELECT outcome, count(*) FROM requests WHERE job_id = %s AND batch_id = %s "
-        "GROUP BY outcome",
-        (job_id, batch_id),
-    ):
-        counts[outcome or "pending"] = n
+    for update in updates.values():
+        counts[update[0] or "pending"] += 1
+    ordered = sorted(updates)
+    if store.dialect == "postgresql":
+        _update_postgresql(conn, job_number, batch_number, ordered, updates)
+    else:
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.executemany(
+                """UPDATE requests SET outcome = ?, status_code = ?, error_code = ?,
+                       result_kind = ?, result_offset = ?, result_length = ?,
+                       result_batch_number = ?
+                   WHERE job_number = ? AND position = ?""",
+                [(*updates[pos], batch_number, job_number, pos) for pos in ordered],
+            )
+        finally:
+            cur.close()
+    if len(updates) < len(positions):
+        counts[missing_final or "pending"] += _record_missing(
+            conn, p, job_number, batch_number, missing_final, missing_code
+        )
     return counts
+
+
+def _update_postgresql(
+    conn: Connection,
+    job_number: int,
+    batch_number: int,
+    ordered: list[int],
+    updates: dict[int, tuple[Any, ...]],
+) -> None:
+    """One UPDATE … FROM json_to_recordset per chunk: the server parses the rows, and a chunk
+    costs one round trip instead of one per request."""
+    sql = """UPDATE requests AS r SET outcome = u.o, status_code = u.s, error_code = u.e,
+                 result_kind = u.k, result_offset = u.off, result_length = u.len,
+                 result_batch_number = %s
+             FROM json_to_recordset(%s::json)
+                 AS u(p bigint, o text, s integer, e text, k text, off bigint, len integer)
+             WHERE r.job_number = %s AND r.position = u.p"""
+    keys = ("o", "s", "e", "k", "off", "len")
+    for start in range(0, len(ordered), _CHUNK):
+        chunk = [
+            {"p": pos, **dict(zip(keys, updates[pos], strict=True))}
+            for pos in ordered[start : start + _CHUNK]
+        ]
+        conn.exec_driver_sql(sql, (batch_number, orjson.dumps(chunk).decode(), job_number))
 
 
 def _record_missing(
     conn: Connection,
     p: str,
-    job_id: str,
-    batch_id: str,
+    job_number: int,
+    batch_number: int,
     missing_final: str | None,
     missing_code: str,
 ) -> int:
     """Give the requests no line mentioned `missing_code`; return how many there were. Every
-    request a line was recorded for has result_batch_id = this batch; no other can (a batch is
-    collected once, in one transaction)."""
+    request a line was recorded for has result_batch_number = this batch; no other can (a batch
+    is collected once, in one transaction)."""
     result = conn.exec_driver_sql(
         f"""UPDATE requests SET outcome = {p}, error_code = {p}, status_code = NULL,
-               result_batch_id = NULL, result_kind = NULL, result_offset = NULL,
+               result_batch_number = NULL, result_kind = NULL, result_offset = NULL,
                result_length = NULL
-            WHERE job_id = {p} AND batch_id = {p}
-              AND (result_batch_id IS NULL OR result_batch_id <> {p})""",
-        (missing_final, missing_code, job_id, batch_id, batch_id),
+            WHERE job_number = {p} AND batch_number = {p}
+              AND (result_batch_number IS NULL OR result_batch_number <> {p})""",
+        (missing_final, missing_code, job_number, batch_number, batch_number),
     )
     return result.rowcount or 0
-
-
-def _record_sqlite(
-    conn: Connection, job_id: str, batch_id: str, files: list[tuple[str, Path]], can_retry: bool
-) -> tuple[dict[str, int], int, int]:
-    """One UPDATE by rowid per request, in rowid order; return (counts, requests, recorded).
-
-    The batch's custom ids and rowids come first from the (batch_id, custom_id) index, so a
-    line costs no index search, lines of ids not in this batch are dropped, and the first line
-    of an id wins. Updating in rowid order touches each table page once, in order, where the
-    files' own order (not guaranteed by the remote) would touch them at random. At most one
-    batch of requests is held in memory. Every request of the batch was pending, so the counts
-    are those of the updates themselves."""
-    cur = conn.connection.driver_connection.cursor()
-    try:
-        rowids = dict(
-            cur.execute(
-                "SELECT custom_id, rowid FROM requests WHERE batch_id = ? AND job_id = ?",
-                (batch_id, job_id),
-            )
-        )
-        updates: dict[int, tuple[Any, ...]] = {}
-        for row in _outcome_rows(files, can_retry):
-            rowid = rowids.get(row[6])
-            if rowid is not None and rowid not in updates:
-                updates[rowid] = (*row[:6], batch_id, rowid)
-        counts = {"succeeded": 0, "failed": 0, "pending": 0}
-        for update in updates.values():
-            counts[update[0] or "pending"] += 1
-        cur.executemany(
-            """UPDATE requests SET outcome = ?, status_code = ?, error_code = ?,
-                   result_kind = ?, result_offset = ?, result_length = ?, result_batch_id = ?
-               WHERE rowid = ?""",
-            [updates[rowid] for rowid in sorted(updates)],
-        )
-        return counts, len(rowids), len(updates)
-    finally:
-        cur.close()
-
-
-def _record_postgresql(
-    conn: Connection, job_id: str, batch_id: str, files: list[tuple[str, Path]], can_retry: bool
-) -> None:
-    """The lines into a temporary table (first line of a custom_id kept), joined onto the
-    requests in one UPDATE."""
-    conn.exec_driver_sql(
-        "CREATE TEMP TABLE collect_buf (outcome TEXT, status_code INTEGER, error_code TEXT, "
-        "kind TEXT, off BIGINT, len INTEGER, custom_id TEXT PRIMARY KEY) ON COMMIT DROP"
-    )
-    insert = (
-        "INSERT INTO collect_buf VALUES (%s, %s, %s, %s, %s, %s, %s) "
-        "ON CONFLICT (custom_id) DO NOTHING"
-    )
-    cur = conn.connection.driver_connection.cursor()
-    try:
-        buffer: list[tuple[Any, ...]] = []
-        for row in _outcome_rows(files, can_retry):
-            buffer.append(row)
-            if len(buffer) >= _CHUNK:
-                cur.executemany(insert, buffer)
-                buffer.clear()
-        if buffer:
-            cur.executemany(insert, buffer)
-    finally:
-        cur.close()
-    conn.exec_driver_sql(
-        """UPDATE requests SET outcome = b.outcome, status_code = b.status_code,
-               error_code = b.error_code, result_batch_id = %s, result_kind = b.kind,
-               result_offset = b.off, result_length = b.len
-            FROM collect_buf AS b
-            WHERE requests.job_id = %s AND requests.batch_id = %s
-              AND requests.custom_id = b.custom_id""",
-        (batch_id, job_id, batch_id),
-    )
 
 
 # -- the ordered merge ------------------------------------------------------------------------
@@ -337,23 +312,24 @@ _WRITE_BYTES = 1 << 20  # export writes
 
 def _result_runs(
     store: Store,
-    job_id: str,
-    result_paths: dict[str, dict[str, str]],
+    job_number: int,
+    result_paths: dict[int, dict[str, str]],
     errors_only: bool,
     chunk: int,
 ) -> Iterator[tuple[list[tuple[Any, ...]], bytes | None]]:
     """(requests, data) in input order: one request that has no line (data None), or a run of
     requests whose lines follow each other in one file, with the bytes of those lines.
 
-    A request is a tuple (position, custom_id, status_code, error_code, result_batch_id,
+    A request is a tuple (position, custom_id, status_code, error_code, result_batch_number,
     result_kind, result_offset, result_length). Requests are read a page at a time with the
     driver's own cursor (only the columns needed); a run (the usual case: a batch's output is in
     input order) is read with one `pread` of up to 1 MiB instead of one per line.
     """
     p = "%s" if store.dialect == "postgresql" else "?"
     query = (
-        "SELECT position, custom_id, status_code, error_code, result_batch_id, result_kind, "
-        f"result_offset, result_length FROM requests WHERE job_id = {p} AND position > {p}"
+        "SELECT position, custom_id, status_code, error_code, result_batch_number, "
+        "result_kind, result_offset, result_length FROM requests "
+        f"WHERE job_number = {p} AND position > {p}"
         + (" AND (outcome IS NULL OR outcome <> 'succeeded')" if errors_only else "")
         + f" ORDER BY position LIMIT {p}"
     )
@@ -364,7 +340,7 @@ def _result_runs(
             with store.read() as conn:
                 cur = conn.connection.driver_connection.cursor()
                 try:
-                    cur.execute(query, (job_id, last, chunk))
+                    cur.execute(query, (job_number, last, chunk))
                     rows = cur.fetchall()
                 finally:
                     cur.close()
@@ -411,27 +387,27 @@ def _lines(run: list[tuple[Any, ...]], data: bytes | None) -> Iterator[bytes]:
 
 def iter_result_lines(
     store: Store,
-    job_id: str,
-    result_paths: dict[str, dict[str, str]],
+    job_number: int,
+    result_paths: dict[int, dict[str, str]],
     *,
     errors_only: bool = False,
     chunk: int = 20_000,
 ) -> Iterator[tuple[tuple[Any, ...], bytes]]:
     """(request, raw JSONL line without newline) for every request, in input order; the request
-    is a tuple (position, custom_id, status_code, error_code, result_batch_id, result_kind,
+    is a tuple (position, custom_id, status_code, error_code, result_batch_number, result_kind,
     result_offset, result_length).
 
-    `result_paths` maps batch id -> {"output": path, "error": path}. A request that never ran
+    `result_paths` maps batch number -> {"output": path, "error": path}. A request that never ran
     (cancelled or expired before it was executed) gets a synthetic line with that error.
     """
-    for run, data in _result_runs(store, job_id, result_paths, errors_only, chunk):
+    for run, data in _result_runs(store, job_number, result_paths, errors_only, chunk):
         yield from zip(run, _lines(run, data), strict=True)
 
 
 def write_result_lines(
     store: Store,
-    job_id: str,
-    result_paths: dict[str, dict[str, str]],
+    job_number: int,
+    result_paths: dict[int, dict[str, str]],
     out: IO[bytes],
     *,
     errors_only: bool = False,
@@ -443,7 +419,7 @@ def write_result_lines(
     written = 0
     pending: list[bytes] = []
     size = 0
-    for run, data in _result_runs(store, job_id, result_paths, errors_only, chunk):
+    for run, data in _result_runs(store, job_number, result_paths, errors_only, chunk):
         written += len(run)
         # Each line of a run holds one newline at most, at its end: if there are as many as
         # lines and no carriage return, the run is already JSONL as export writes it.

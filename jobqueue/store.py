@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -30,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from jobqueue.ids import new_id
 from jobqueue.logs import get_logger
@@ -46,7 +49,28 @@ from jobqueue.states import (
 log = get_logger("jobqueue.store")
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
-_REQUEST_COLUMNS = ("job_id", "position", "custom_id", "batch_id", "attempt")
+
+
+def job_number_of(job_id: str) -> ScalarSelect[Any]:
+    """The request index names a job by its number: this is the number of `job_id`."""
+    return select(jobs_table.c.number).where(jobs_table.c.id == job_id).scalar_subquery()
+
+
+def batch_number_of(batch_id: str) -> ScalarSelect[Any]:
+    """The request index names a batch by its number within its job."""
+    return select(batches_table.c.number).where(batches_table.c.id == batch_id).scalar_subquery()
+
+
+def requests_of_batch(batch_id: str) -> list[ColumnElement[bool]]:
+    """WHERE clauses for the request index rows a batch holds now."""
+    r, b = requests_table, batches_table
+    job_number = (
+        select(jobs_table.c.number)
+        .join(b, b.c.job_id == jobs_table.c.id)
+        .where(b.c.id == batch_id)
+        .scalar_subquery()
+    )
+    return [r.c.job_number == job_number, r.c.batch_number == batch_number_of(batch_id)]
 
 
 class StoreError(Exception):
@@ -135,7 +159,13 @@ class Store:
         the moment it is free, where SQLite's busy handler would poll with sleeps of up to
         100 ms. Other processes still wait in the busy handler.
         """
-        with self._write_lock, self.engine.connect() as conn, conn.begin():
+        with self.writer_connection() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def writer_connection(self) -> Iterator[Connection]:
+        """A connection with this process's write lock held (SQLite), not yet in a transaction."""
+        with self._write_lock, self.engine.connect() as conn:
             yield conn
 
     @contextmanager
@@ -296,39 +326,72 @@ class Store:
                 now=now,
             )
 
-    def insert_requests(
-        self, conn: Connection, rows: Iterable[tuple[Any, ...]], chunk: int = 20_000
-    ) -> int:
-        """Bulk-insert request index rows `(job_id, position, custom_id, batch_id, attempt)`.
-
-        PostgreSQL takes them through COPY, SQLite through executemany: the ORM would be ten
-        times slower for a million rows.
-        """
-        count = 0
-        columns = ", ".join(_REQUEST_COLUMNS)
+    def next_job_number(self, conn: Connection) -> int:
+        """A number for a new job, unique for good. PostgreSQL draws it from a sequence (so
+        concurrent intakes never wait on each other); a SQLite writer holds the database's only
+        write lock, so the next integer is free until it commits."""
         if self.dialect == "postgresql":
-            raw = conn.connection.driver_connection
-            with raw.cursor() as cur, cur.copy(f"COPY requests ({columns}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-                    count += 1
-            return count
-        sql = f"INSERT INTO requests ({columns}) VALUES (?, ?, ?, ?, ?)"
-        cursor = conn.connection.driver_connection.cursor()
-        try:
-            buffer: list[tuple[Any, ...]] = []
-            for row in rows:
-                buffer.append(row)
-                if len(buffer) >= chunk:
-                    cursor.executemany(sql, buffer)
-                    count += len(buffer)
-                    buffer.clear()
-            if buffer:
-                cursor.executemany(sql, buffer)
-                count += len(buffer)
-        finally:
-            cursor.close()
-        return count
+            return int(conn.exec_driver_sql("SELECT nextval('jobs_number_seq')").scalar_one())
+        return int(
+            conn.execute(select(func.coalesce(func.max(jobs_table.c.number), 0) + 1)).scalar_one()
+        )
+
+    def next_batch_number(self, conn: Connection, job_id: str) -> int:
+        """A number for a new batch of the job. The job's row is locked first on PostgreSQL, so
+        two daemons adding batches to one job take turns (SQLite writers always do)."""
+        j, b = jobs_table, batches_table
+        conn.execute(select(j.c.id).where(j.c.id == job_id).with_for_update())
+        latest = conn.execute(select(func.max(b.c.number)).where(b.c.job_id == job_id)).scalar_one()
+        return int(latest or 0) + 1
+
+    def insert_requests_json(
+        self,
+        conn: Connection,
+        job_number: int,
+        batch_number: int,
+        data: str,
+        first_position: int | None = None,
+    ) -> None:
+        """Bulk-insert a batch's request index rows from one JSON text, parsed by the database
+        itself: with `first_position`, an array of custom ids at consecutive positions from
+        it; without, an array of [position, custom_id] pairs.
+
+        One statement for a whole batch, no Python object per row; SQLite runs it without
+        holding the GIL, so another thread keeps validating the input meanwhile.
+        """
+        columns = "job_number, position, custom_id, batch_number, attempt"
+        if self.dialect == "postgresql":
+            if first_position is None:
+                source = (
+                    "SELECT %s, (x ->> 0)::bigint, x ->> 1, %s, 1 "
+                    "FROM json_array_elements(%s::json) AS x"
+                )
+                params: tuple[Any, ...] = (job_number, batch_number, data)
+            else:
+                source = (
+                    "SELECT %s, %s + t.o - 1, t.v, %s, 1 "
+                    "FROM json_array_elements_text(%s::json) WITH ORDINALITY AS t(v, o)"
+                )
+                params = (job_number, first_position, batch_number, data)
+        elif first_position is None:
+            source = "SELECT ?, value ->> 0, value ->> 1, ?, 1 FROM json_each(?)"
+            params = (job_number, batch_number, data)
+        else:
+            source = "SELECT ?, ? + key, value, ?, 1 FROM json_each(?)"
+            params = (job_number, first_position, batch_number, data)
+        conn.exec_driver_sql(f"INSERT INTO requests ({columns}) {source}", params)
+
+    def insert_requests(
+        self,
+        conn: Connection,
+        job_number: int,
+        batch_number: int,
+        requests: Iterable[tuple[int, str]],
+    ) -> None:
+        """Bulk-insert (position, custom_id) pairs of one batch."""
+        self.insert_requests_json(
+            conn, job_number, batch_number, orjson.dumps(list(requests)).decode()
+        )
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -533,9 +596,9 @@ class Store:
         r, b, j = requests_table, batches_table, jobs_table
         return list(
             conn.execute(
-                select(r.c.job_id)
-                .join(b, b.c.id == r.c.batch_id)
-                .join(j, j.c.id == r.c.job_id)
+                select(j.c.id)
+                .join(r, r.c.job_number == j.c.number)
+                .join(b, and_(b.c.job_id == j.c.id, b.c.number == r.c.batch_number))
                 .where(
                     r.c.outcome.is_(None),
                     b.c.collected_at.is_not(None),

@@ -63,6 +63,7 @@ def insert_job_with_batch(
     batch = {
         "id": batch_id,
         "job_id": job_id,
+        "number": 1,
         "status": status,
         "shard_index": 0,
         "attempt": 1,
@@ -74,6 +75,7 @@ def insert_job_with_batch(
         "updated_at": now,
     }
     with store.write() as conn:
+        job["number"] = store.next_job_number(conn)
         store.insert_job(conn, job, [batch])
-        store.insert_requests(conn, ((job_id, i, f"req-{i}", batch_id, 1) for i in range(requests)))
+        store.insert_requests(conn, job["number"], 1, ((i, f"req-{i}") for i in range(requests)))
     return job_id, batch_id

@@ -267,7 +267,10 @@ def test_deadline_ends_the_job_expired(db_url: str, tmp_path: Path) -> None:
 def test_stuck_batch_raises_an_event_once(db_url: str, tmp_path: Path) -> None:
     with serve_in_thread(EmulatorConfig(time_scale=3600, seed=11, api_key=API_KEY)) as em:
         em.emulator.script_next(stick_in="finalizing")
-        jq = make_queue(db_url, tmp_path / "data", em.base_url, stuck_after=0.5)
+        # The remote's times are whole seconds, so a batch can look up to a second older than
+        # it is: stuck_after stays well above that, or a batch passing through `validating`
+        # could be reported instead of the one stuck in `finalizing`.
+        jq = make_queue(db_url, tmp_path / "data", em.base_url, stuck_after=2.5)
         try:
             job = jq.submit(chat_file(tmp_path / "in.jsonl", 20), ENDPOINT)
             jq.start()

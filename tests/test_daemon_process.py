@@ -73,10 +73,18 @@ def test_sigkill_and_restart_lose_and_duplicate_nothing(db_url: str, tmp_path: P
             kills += 1
             if jq.get(job.id).done:
                 break
-        proc = _start(env, log)
+        # The job may end before this last daemon gets going: it must be READY (its signal
+        # handlers installed) before the SIGTERM, or the signal kills it outright.
+        ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ready.bind(str(tmp_path / "notify.sock"))
+        ready.settimeout(30)
+        proc = _start({**env, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}, log)
         try:
             final = jq.wait(job.id, timeout=120)
+            while "READY=1" not in ready.recv(1024).decode():
+                pass
         finally:
+            ready.close()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log.read_text()[-3000:]
         assert kills >= 3

@@ -32,7 +32,9 @@ def _error(cid: str, code: str) -> bytes:
 
 
 def test_record_and_export(store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    job_id, batch_id = insert_job_with_batch(store, "completed", requests=9)
+    job_id, _ = insert_job_with_batch(store, "completed", requests=9)
+    with store.read() as conn:
+        job_number = store.get_job(conn, job_id).number
     output = tmp_path / "out.jsonl"
     error = tmp_path / "err.jsonl"
     out_lines = [
@@ -52,8 +54,8 @@ def test_record_and_export(store, tmp_path: Path) -> None:  # type: ignore[no-un
         counts = record_outcomes(
             store,
             conn,
-            job_id=job_id,
-            batch_id=batch_id,
+            job_number=job_number,
+            batch_number=1,
             files=[("output", output), ("error", error)],
             can_retry=True,
             missing_code="missing_result",
@@ -64,11 +66,11 @@ def test_record_and_export(store, tmp_path: Path) -> None:  # type: ignore[no-un
             r[0]: r[1:]
             for r in conn.exec_driver_sql(
                 "SELECT custom_id, outcome, status_code, error_code, result_kind, result_offset, "
-                "result_length, result_batch_id FROM requests"
+                "result_length, result_batch_number FROM requests"
             )
         }
     offsets = [sum(len(x) for x in out_lines[:i]) for i in range(len(out_lines))]
-    assert rows["req-0"] == ("succeeded", 200, None, "output", 0, len(out_lines[0]), batch_id)
+    assert rows["req-0"] == ("succeeded", 200, None, "output", 0, len(out_lines[0]), 1)
     assert rows["req-1"][:5] == ("succeeded", 200, None, "output", offsets[1])
     assert rows["req-2"][:5] == ("succeeded", 200, None, "output", offsets[2])
     assert rows["req-3"][:5] == (None, 500, "c500", "output", offsets[4])
@@ -78,15 +80,17 @@ def test_record_and_export(store, tmp_path: Path) -> None:  # type: ignore[no-un
         assert rows[cid] == (None, None, "missing_result", None, None, None, None)
     assert rows["req-8"][:5] == ("succeeded", 200, None, "output", offsets[8])
 
-    paths = {batch_id: {"output": str(output), "error": str(error)}}
-    expected = [line for _row, line in iter_result_lines(store, job_id, paths)]
+    paths = {1: {"output": str(output), "error": str(error)}}
+    expected = [line for _row, line in iter_result_lines(store, job_number, paths)]
     assert expected[:3] == [_ok("req-0"), _ok("req-1"), _ok("req-2")]
     assert orjson.loads(expected[6])["error"]["code"] == "missing_result"
     assert expected[8] == _ok("req-8")
     for chunk in (2, 3, 20_000):
         buffer = io.BytesIO()
-        assert write_result_lines(store, job_id, paths, buffer, chunk=chunk) == 9
+        assert write_result_lines(store, job_number, paths, buffer, chunk=chunk) == 9
         assert buffer.getvalue() == b"".join(line + b"\n" for line in expected)
         errors = io.BytesIO()
-        assert write_result_lines(store, job_id, paths, errors, errors_only=True, chunk=chunk) == 5
+        assert (
+            write_result_lines(store, job_number, paths, errors, errors_only=True, chunk=chunk) == 5
+        )
         assert errors.getvalue().count(b"\n") == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 
+import orjson
 import pytest
 from sqlalchemy import func, select
 
@@ -125,15 +126,48 @@ def test_event_payload_fields(store: Store) -> None:
     assert event.data["request_counts"] == {"total": 3, "completed": 1, "failed": 0}
 
 
-def test_bulk_request_insert_and_unique_custom_ids(store: Store) -> None:
-    job_id, batch_id = insert_job_with_batch(store, "queued", requests=0)
-    rows = ((job_id, i, f"id-{i}", batch_id, 1) for i in range(45_000))
+def _requests(store: Store, job_number: int) -> list[tuple[int, str, int, int]]:
+    r = requests_table
+    with store.read() as conn:
+        return [
+            tuple(row)
+            for row in conn.execute(
+                select(r.c.position, r.c.custom_id, r.c.batch_number, r.c.attempt)
+                .where(r.c.job_number == job_number)
+                .order_by(r.c.position)
+            )
+        ]
+
+
+def test_bulk_request_insert_from_json(store: Store) -> None:
+    """Contiguous ids (the database numbers them from the first position) and explicit
+    (position, custom_id) pairs, ids with quotes, backslashes and non-ASCII kept exactly; a
+    position taken twice fails the transaction and leaves nothing of it."""
+    job_id, _ = insert_job_with_batch(store, "queued", requests=0)
+    with store.read() as conn:
+        number = store.get_job(conn, job_id).number
+    odd = ['q"uote', "back\\slash", "é ünï ✓", "tab\tnew\nline"]
+    ids = [f"id-{i}" for i in range(45_000)] + odd
     with store.write() as conn:
-        assert store.insert_requests(conn, rows) == 45_000
-    assert _count(store, requests_table, requests_table.c.job_id == job_id) == 45_000
+        store.insert_requests_json(conn, number, 1, orjson.dumps(ids).decode(), first_position=10)
+        store.insert_requests(conn, number, 2, [(3, "pair-3"), (0, "pair-0")])
+    rows = _requests(store, number)
+    assert len(rows) == len(ids) + 2
+    assert rows[0] == (0, "pair-0", 2, 1) and rows[1] == (3, "pair-3", 2, 1)
+    assert rows[2] == (10, "id-0", 1, 1)
+    assert [r[1] for r in rows[-4:]] == odd and rows[-1][0] == 10 + len(ids) - 1
     with pytest.raises(Exception), store.write() as conn:  # noqa: B017 - driver-specific class
-        store.insert_requests(conn, [(job_id, 50_000, "id-7", batch_id, 1)])
-    assert _count(store, requests_table, requests_table.c.job_id == job_id) == 45_000
+        store.insert_requests(conn, number, 3, [(5, "new"), (10, "taken")])
+    assert len(_requests(store, number)) == len(ids) + 2
+
+
+def test_job_and_batch_numbers(store: Store) -> None:
+    first, _ = insert_job_with_batch(store)
+    second, _ = insert_job_with_batch(store)
+    with store.write() as conn:
+        a, b = store.get_job(conn, first).number, store.get_job(conn, second).number
+        assert b > a
+        assert store.next_batch_number(conn, first) == 2
 
 
 def test_find_job_by_unique_prefix(store: Store) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
 from jobqueue.api import InvalidOptions, JobQueue
 from jobqueue.cli import main
 from jobqueue.inputs import InputError
 from jobqueue.models import batches_table, events_table, jobs_table, requests_table
+from jobqueue.store import job_number_of
 from tests.factories import chat_file, chat_line, write_jsonl
 
 
@@ -32,6 +34,19 @@ def _nothing_recorded(jq: JobQueue) -> None:
     assert not jobs_dir.exists() or not any(jobs_dir.iterdir()), list(jobs_dir.iterdir())
 
 
+def _request_rows(conn: Any, job_id: str) -> list[Any]:
+    """(position, custom_id, batch_id) of a job's requests, in input order."""
+    r, b = requests_table, batches_table
+    return list(
+        conn.execute(
+            select(r.c.position, r.c.custom_id, b.c.id.label("batch_id"))
+            .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+            .where(r.c.job_number == job_number_of(job_id))
+            .order_by(r.c.position)
+        ).all()
+    )
+
+
 def test_submit_records_job_batches_and_request_index(queue: JobQueue, tmp_path: Path) -> None:
     source = chat_file(tmp_path / "in.jsonl", 2_500)
     job = queue.submit(source, "/v1/chat/completions", max_batch_requests=1_000,
@@ -43,11 +58,7 @@ def test_submit_records_job_batches_and_request_index(queue: JobQueue, tmp_path:
     assert job.metadata == {"team": "eval"}
     assert job.deadline_at is not None
     with queue.store.read() as conn:
-        rows = conn.execute(
-            select(requests_table.c.position, requests_table.c.custom_id, requests_table.c.batch_id)
-            .where(requests_table.c.job_id == job.id)
-            .order_by(requests_table.c.position)
-        ).all()
+        rows = _request_rows(conn, job.id)
         types = [e.type for e in queue.store.events(conn, job.id)]
     assert [r.custom_id for r in rows] == [f"req-{i}" for i in range(2_500)]
     assert [r.position for r in rows] == list(range(2_500))
@@ -70,13 +81,7 @@ def test_mixed_models_are_split_by_model(queue: JobQueue, tmp_path: Path) -> Non
         ("model-b", 5),
     ]
     with queue.store.read() as conn:
-        by_batch = dict(
-            conn.execute(
-                select(requests_table.c.custom_id, requests_table.c.batch_id).where(
-                    requests_table.c.job_id == job.id
-                )
-            ).all()
-        )
+        by_batch = {r.custom_id: r.batch_id for r in _request_rows(conn, job.id)}
     model_of = {b.id: b.model for b in job.batches}
     assert all(
         model_of[by_batch[f"req-{i}"]] == ("model-a" if i % 2 else "model-b") for i in range(10)
@@ -223,3 +228,47 @@ def test_cli_cancel_queued_job(
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*command, "--help"]) == 0
     assert "Usage" in capsys.readouterr().out
+
+
+def test_a_late_bad_line_undoes_shards_already_indexed(queue: JobQueue, tmp_path: Path) -> None:
+    """Shards complete (and get their request index rows) while the file is still read; a bad
+    line near the end still leaves nothing behind."""
+    lines: list[Any] = [chat_line(i) for i in range(95)] + [b"{broken"] + [chat_line(96)]
+    source = write_jsonl(tmp_path / "late.jsonl", lines)
+    seen: list[int] = []
+    insert = queue.store.insert_requests_json
+
+    def counting(*args: Any, **kwargs: Any) -> None:
+        seen.append(args[2])
+        insert(*args, **kwargs)
+
+    queue.store.insert_requests_json = counting  # type: ignore[method-assign]
+    with pytest.raises(InputError, match="line 96"):
+        queue.submit(source, "/v1/chat/completions", max_batch_requests=10)
+    assert len(seen) >= 9  # nine full shards were indexed before the bad line
+    _nothing_recorded(queue)
+
+
+def test_a_database_error_while_indexing_stops_the_intake(queue: JobQueue, tmp_path: Path) -> None:
+    source = chat_file(tmp_path / "in.jsonl", 100)
+
+    def failing(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    queue.store.insert_requests_json = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="disk full"):
+        queue.submit(source, "/v1/chat/completions", max_batch_requests=10)
+    _nothing_recorded(queue)
+
+
+def test_mixed_models_out_of_order_positions_are_indexed(queue: JobQueue, tmp_path: Path) -> None:
+    """Shards whose lines are not contiguous in the input go in as (position, id) pairs."""
+    models = ["a", "b", "a", "a", "c", "b", "a"]
+    lines = [chat_line(i, model=m) for i, m in enumerate(models)]
+    job = queue.submit(write_jsonl(tmp_path / "m.jsonl", lines), "/v1/chat/completions")
+    with queue.store.read() as conn:
+        rows = _request_rows(conn, job.id)
+    model_of = {b.id: b.model for b in job.batches}
+    assert [(r.position, r.custom_id, model_of[r.batch_id]) for r in rows] == [
+        (i, f"req-{i}", m) for i, m in enumerate(models)
+    ]

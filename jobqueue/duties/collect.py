@@ -126,8 +126,8 @@ def _record(ctx: DutyContext, row: Row, fetched: _Fetched) -> int:
         counts = record_outcomes(
             ctx.store,
             conn,
-            job_id=row.job_id,
-            batch_id=row.id,
+            job_number=job.number,
+            batch_number=row.number,
             files=files,
             can_retry=can_retry,
             missing_code=missing_code,

@@ -19,6 +19,7 @@ from jobqueue.logs import get_logger
 from jobqueue.models import batches_table, requests_table
 from jobqueue.providers.base import RemoteBatch
 from jobqueue.states import BATCH_TERMINAL, BATCH_TIME_COLUMN, BatchStatus, IllegalTransition
+from jobqueue.store import requests_of_batch
 
 log = get_logger("jobqueue.reconcile")
 
@@ -199,6 +200,7 @@ def _requeue_for_token_limit(
     new_row = {
         "id": new_id_,
         "job_id": row.job_id,
+        "number": ctx.store.next_batch_number(conn, row.job_id),
         "status": "queued",
         "shard_index": row.shard_index,
         "attempt": row.attempt,
@@ -216,8 +218,8 @@ def _requeue_for_token_limit(
     conn.execute(batches_table.insert().values(**new_row))
     conn.execute(
         update(requests_table)
-        .where(requests_table.c.job_id == row.job_id, requests_table.c.batch_id == row.id)
-        .values(batch_id=new_id_)
+        .where(*requests_of_batch(row.id))
+        .values(batch_number=new_row["number"])
     )
     ctx.store.add_event(
         conn, "batch.queued", job_id=row.job_id, batch_id=new_id_, to_status="queued",

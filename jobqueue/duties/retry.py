@@ -21,6 +21,7 @@ from jobqueue.ids import new_id
 from jobqueue.lifecycle import settle_job
 from jobqueue.logs import get_logger
 from jobqueue.models import batches_table, requests_table
+from jobqueue.store import job_number_of
 
 log = get_logger("jobqueue.retry")
 
@@ -42,11 +43,16 @@ def _pending_by_batch(conn: Connection, job_id: str) -> list[tuple[str, int]]:
     return [
         (batch_id, n)
         for batch_id, n in conn.execute(
-            select(r.c.batch_id, func.count())
-            .join(b, b.c.id == r.c.batch_id)
-            .where(r.c.job_id == job_id, r.c.outcome.is_(None), b.c.collected_at.is_not(None))
-            .group_by(r.c.batch_id)
-            .order_by(r.c.batch_id)
+            select(b.c.id, func.count())
+            .select_from(r)
+            .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+            .where(
+                r.c.job_number == job_number_of(job_id),
+                r.c.outcome.is_(None),
+                b.c.collected_at.is_not(None),
+            )
+            .group_by(b.c.id)
+            .order_by(b.c.id)
         ).all()
     ]
 
@@ -56,10 +62,21 @@ def _pending_rows(conn: Connection, job_id: str, batch_ids: list[str]) -> list[R
     return list(
         conn.execute(
             select(
-                r.c.position, r.c.custom_id, r.c.batch_id, r.c.attempt, b.c.input_path, b.c.model
+                r.c.position,
+                r.c.custom_id,
+                b.c.id.label("batch_id"),
+                r.c.batch_number,
+                r.c.attempt,
+                b.c.input_path,
+                b.c.model,
             )
-            .join(b, b.c.id == r.c.batch_id)
-            .where(r.c.job_id == job_id, r.c.outcome.is_(None), r.c.batch_id.in_(batch_ids))
+            .select_from(r)
+            .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+            .where(
+                r.c.job_number == job_number_of(job_id),
+                r.c.outcome.is_(None),
+                b.c.id.in_(batch_ids),
+            )
             .order_by(r.c.position)
         ).all()
     )
@@ -121,8 +138,12 @@ def _finalise(ctx: DutyContext, job: Row, *, retry_allowed: bool) -> int:
     """Pending requests of collected batches that may not be retried (attempts used up, or no
     retry allowed at all): their last recorded error becomes their final outcome."""
     r, b = requests_table, batches_table
-    collected = select(b.c.id).where(b.c.job_id == job.id, b.c.collected_at.is_not(None))
-    condition = [r.c.job_id == job.id, r.c.outcome.is_(None), r.c.batch_id.in_(collected)]
+    collected = select(b.c.number).where(b.c.job_id == job.id, b.c.collected_at.is_not(None))
+    condition = [
+        r.c.job_number == job.number,
+        r.c.outcome.is_(None),
+        r.c.batch_number.in_(collected),
+    ]
     if retry_allowed:
         condition.append(r.c.attempt >= job.max_attempts)
     with ctx.store.write() as conn:
@@ -205,25 +226,27 @@ def _record_retry_batches(
     next_index = (index_base or 0) + 1
     for shard in shards:
         requests = shard["requests"]
+        number = ctx.store.next_batch_number(conn, job.id)
         moved = conn.execute(
             update(r)
             .where(
                 and_(
-                    r.c.job_id == job.id,
+                    r.c.job_number == job.number,
                     r.c.position == bindparam("pos"),
-                    r.c.batch_id == bindparam("old_batch"),
+                    r.c.batch_number == bindparam("old_batch"),
                     r.c.outcome.is_(None),
                 )
             )
-            .values(batch_id=shard["id"], attempt=r.c.attempt + 1),
-            [{"pos": q.position, "old_batch": q.batch_id} for q in requests],
+            .values(batch_number=number, attempt=r.c.attempt + 1),
+            [{"pos": q.position, "old_batch": q.batch_number} for q in requests],
         ).rowcount
         if moved != len(requests):
             # Another daemon retried these first: undo by failing the transaction.
             raise RuntimeError(f"retry race on job {job.id}: {moved} of {len(requests)} moved")
         conn.execute(
             batches_table.insert().values(
-                id=shard["id"], job_id=job.id, status="queued", shard_index=next_index,
+                id=shard["id"], job_id=job.id, number=number, status="queued",
+                shard_index=next_index,
                 attempt=shard["attempt"], model=shard["model"], input_path=str(shard["path"]),
                 request_count=len(requests), bytes=shard["bytes"],
                 estimated_tokens=shard["tokens"], created_at=now, updated_at=now,

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from jobqueue.store import Store
 
 MIGRATIONS_DIR = Path(__file__).parent
@@ -40,12 +44,40 @@ def current_revision(store: Store) -> str | None:
 
 def upgrade(store: Store, revision: str = "head") -> None:
     """Upgrade under a lock, so two processes opening one old database migrate it once."""
+    _run(store, lambda config: command.upgrade(config, revision))
+
+
+def downgrade(store: Store, revision: str) -> None:
+    _run(store, lambda config: command.downgrade(config, revision))
+
+
+def _run(store: Store, step: Callable[[Config], None]) -> None:
     config = alembic_config(store.url)
-    with store.write() as conn:
-        if store.dialect == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+    with migration_connection(store) as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, revision)
+        step(config)
+
+
+@contextmanager
+def migration_connection(store: Store) -> Iterator[Connection]:
+    """A write transaction fit for migrations, under a lock every jobqueue process respects.
+
+    SQLite rebuilds a table to alter it (copy, drop, rename): with foreign keys enforced,
+    dropping a referenced table fails. They are switched off for this connection only (the
+    pragma is a no-op inside a transaction, hence before BEGIN) and checked before commit.
+    """
+    if store.dialect != "sqlite":
+        with store.write() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+            yield conn
+        return
+    with store.writer_connection() as conn:
+        conn.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
+        with conn.begin():
+            yield conn
+            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"migration left broken foreign keys: {broken[:5]}")
 
 
 def upgrade_if_behind(store: Store) -> bool:

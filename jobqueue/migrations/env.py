@@ -29,12 +29,13 @@ def run_migrations_online() -> None:
         return
     import os
 
+    from jobqueue.migrations import migration_connection
     from jobqueue.store import Store
 
     url = os.environ.get("JOBQUEUE_DATABASE_URL") or config.get_main_option("sqlalchemy.url")
     store = Store(url or "", migrate=False)
     try:
-        with store.write() as conn:
+        with migration_connection(store) as conn:
             _run(conn)
     finally:
         store.close()
