@@ -1,6 +1,7 @@
 """Collect benchmark: how fast and in how much memory a job's results are collected and exported.
 
     python benchmarks/collect.py [--requests N] [--dimensions D] [--dir DIR] [--keep]
+                                  [--database-url URL]
 
 For N/4 and then N embedding requests (one input each, the emulator answering with D-dimensional
 vectors: ~1.1 KB output lines at D=40, so 1,000,000 requests give over 1 GB of output):
@@ -57,10 +58,10 @@ def generate_embeddings(path: Path, requests: int, seed: int = 1) -> int:
     return path.stat().st_size
 
 
-def queue_options(work: Path, base_url: str) -> dict[str, Any]:
+def queue_options(work: Path, base_url: str, database_url: str | None = None) -> dict[str, Any]:
     """JobQueue keyword arguments shared by the setup and every measured child."""
     return {
-        "database_url": f"sqlite:///{work / 'jobqueue.db'}",
+        "database_url": database_url or f"sqlite:///{work / 'jobqueue.db'}",
         "data_dir": str(work / "data"),
         "base_url": base_url,
         "api_key": "bench",
@@ -213,7 +214,9 @@ def run_sdk_baseline(base_url: str, file_ids: list[str]) -> dict[str, Any]:
 # -- the run ----------------------------------------------------------------------------------
 
 
-def bench_size(requests: int, dimensions: int, work: Path) -> dict[str, Any]:
+def bench_size(
+    requests: int, dimensions: int, work: Path, database_url: str | None = None
+) -> dict[str, Any]:
     from jobqueue.emulator import EmulatorConfig
     from jobqueue.emulator.server import serve_in_thread
 
@@ -232,7 +235,7 @@ def bench_size(requests: int, dimensions: int, work: Path) -> dict[str, Any]:
     )
     rows: dict[str, Measurement] = {}
     with serve_in_thread(config) as em:
-        options = queue_options(work, em.base_url)
+        options = queue_options(work, em.base_url, database_url)
         start = time.perf_counter()
         job_id = setup_job(source, options)
         files = output_files(options, job_id)
@@ -287,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dimensions", type=int, default=40, help="embedding dimensions (default 40)")
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     ap.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    ap.add_argument(
+        "--database-url",
+        help="run on this database instead of a new SQLite file (e.g. a PostgreSQL schema of "
+        "its own: it gets two jobs)",
+    )
     args = ap.parse_args(argv)
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="jobqueue-collect-"))
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         for requests in (args.requests // 4, args.requests):
             sub = work / f"n{requests}"
             shutil.rmtree(sub, ignore_errors=True)
-            results.append(bench_size(requests, args.dimensions, sub))
+            results.append(bench_size(requests, args.dimensions, sub, args.database_url))
             if not args.keep:
                 shutil.rmtree(sub, ignore_errors=True)
         print_table(results)

@@ -184,13 +184,17 @@ def record_outcomes(
     """
     missing_final = None if (can_retry and missing_code in RETRYABLE_CODES) else "failed"
     p = "%s" if store.dialect == "postgresql" else "?"
-    positions = dict(
-        conn.exec_driver_sql(
+    # The driver's own cursor: SQLAlchemy's row objects would cost more than the query.
+    cur = conn.connection.driver_connection.cursor()
+    try:
+        cur.execute(
             f"SELECT custom_id, position FROM requests "
             f"WHERE job_number = {p} AND batch_number = {p}",
             (job_number, batch_number),
-        ).all()
-    )
+        )
+        positions = dict(cur.fetchall())
+    finally:
+        cur.close()
     updates: dict[int, tuple[Any, ...]] = {}
     for row in _outcome_rows(files, can_retry):
         position = positions.get(row[6])
