@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -178,8 +179,9 @@ def record_outcomes(
 
     The batch's custom ids come first (custom_id -> position, from the (job, batch) index), so
     lines of ids the batch does not hold are dropped, and each line becomes an update by primary
-    key, applied in position order (each page of the clustered index touched once, in order).
-    At most one batch of updates is held in memory. Every request of the batch was pending, so
+    key: on SQLite applied in position order (each page of the clustered index touched once, in
+    order), on PostgreSQL a chunk at a time while the next is scanned. At most one batch of
+    updates is held in memory. Every request of the batch was pending, so
     the counts are those of the updates themselves.
     """
     missing_final = None if (can_retry and missing_code in RETRYABLE_CODES) else "failed"
@@ -195,18 +197,23 @@ def record_outcomes(
         positions = dict(cur.fetchall())
     finally:
         cur.close()
-    updates: dict[int, tuple[Any, ...]] = {}
-    for row in _outcome_rows(files, can_retry):
-        position = positions.get(row[6])
-        if position is not None and position not in updates:
-            updates[position] = row[:6]
     counts = {"succeeded": 0, "failed": 0, "pending": 0}
-    for update in updates.values():
-        counts[update[0] or "pending"] += 1
-    ordered = sorted(updates)
+
+    def first_lines() -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """(position, outcome columns) of the first line of each request of the batch."""
+        seen: set[int] = set()
+        for row in _outcome_rows(files, can_retry):
+            position = positions.get(row[6])
+            if position is not None and position not in seen:
+                seen.add(position)
+                counts[row[0] or "pending"] += 1
+                yield position, row[:6]
+
     if store.dialect == "postgresql":
-        _update_postgresql(conn, job_number, batch_number, ordered, updates)
+        recorded = _update_postgresql(conn, job_number, batch_number, first_lines())
     else:
+        updates = dict(first_lines())
+        recorded = len(updates)
         cur = conn.connection.driver_connection.cursor()
         try:
             cur.executemany(
@@ -214,11 +221,11 @@ def record_outcomes(
                        result_kind = ?, result_offset = ?, result_length = ?,
                        result_batch_number = ?
                    WHERE job_number = ? AND position = ?""",
-                [(*updates[pos], batch_number, job_number, pos) for pos in ordered],
+                [(*updates[pos], batch_number, job_number, pos) for pos in sorted(updates)],
             )
         finally:
             cur.close()
-    if len(updates) < len(positions):
+    if recorded < len(positions):
         counts[missing_final or "pending"] += _record_missing(
             conn, p, job_number, batch_number, missing_final, missing_code
         )
@@ -229,11 +236,12 @@ def _update_postgresql(
     conn: Connection,
     job_number: int,
     batch_number: int,
-    ordered: list[int],
-    updates: dict[int, tuple[Any, ...]],
-) -> None:
-    """One UPDATE … FROM json_to_recordset per chunk: the server parses the rows, and a chunk
-    costs one round trip instead of one per request."""
+    updates: Iterator[tuple[int, tuple[Any, ...]]],
+) -> int:
+    """Apply the updates as they are scanned: a chunk at a time, as one UPDATE … FROM
+    json_to_recordset (the server parses the rows; one round trip a chunk), sent from a helper
+    thread so the server applies one chunk while this thread scans the next. Returns how many
+    requests were updated."""
     sql = """UPDATE requests AS r SET outcome = u.o, status_code = u.s, error_code = u.e,
                  result_kind = u.k, result_offset = u.off, result_length = u.len,
                  result_batch_number = %s
@@ -241,12 +249,30 @@ def _update_postgresql(
                  AS u(p bigint, o text, s integer, e text, k text, off bigint, len integer)
              WHERE r.job_number = %s AND r.position = u.p"""
     keys = ("o", "s", "e", "k", "off", "len")
-    for start in range(0, len(ordered), _CHUNK):
-        chunk = [
-            {"p": pos, **dict(zip(keys, updates[pos], strict=True))}
-            for pos in ordered[start : start + _CHUNK]
-        ]
+
+    def apply(chunk: list[dict[str, Any]]) -> None:
         conn.exec_driver_sql(sql, (batch_number, orjson.dumps(chunk).decode(), job_number))
+
+    recorded = 0
+    in_flight: list[Future[None]] = []
+    # The connection is only ever used by one thread at a time: the helper while a chunk is in
+    # flight, this one (for the query of missing requests) once all are done.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobqueue-record") as pool:
+        chunk: list[dict[str, Any]] = []
+        for position, values in updates:
+            chunk.append({"p": position, **dict(zip(keys, values, strict=True))})
+            if len(chunk) >= _CHUNK:
+                recorded += len(chunk)
+                in_flight.append(pool.submit(apply, chunk))
+                chunk = []
+                if len(in_flight) > 1:  # at most two chunks held: memory stays bounded
+                    in_flight.pop(0).result()
+        if chunk:
+            recorded += len(chunk)
+            in_flight.append(pool.submit(apply, chunk))
+        for future in in_flight:
+            future.result()
+    return recorded
 
 
 def _record_missing(

@@ -6,7 +6,9 @@ import io
 from pathlib import Path
 
 import orjson
+import pytest
 
+from jobqueue import results
 from jobqueue.results import iter_result_lines, record_outcomes, write_result_lines
 from tests.factories import insert_job_with_batch
 
@@ -31,7 +33,10 @@ def _error(cid: str, code: str) -> bytes:
     )
 
 
-def test_record_and_export(store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("record_chunk", [10_000, 2])
+def test_record_and_export(store, tmp_path: Path, monkeypatch, record_chunk: int) -> None:  # type: ignore[no-untyped-def]
+    # A chunk of 2 sends PostgreSQL's updates in several statements, two in flight at a time.
+    monkeypatch.setattr(results, "_CHUNK", record_chunk)
     job_id, _ = insert_job_with_batch(store, "completed", requests=9)
     with store.read() as conn:
         job_number = store.get_job(conn, job_id).number
