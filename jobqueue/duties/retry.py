@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Row, and_, bindparam, func, select, update
+from sqlalchemy import Connection, Row, Select, and_, bindparam, func, select, update
 
 from jobqueue.duties.context import DutyContext
 from jobqueue.ids import new_id
@@ -37,49 +37,34 @@ def retry_once(ctx: DutyContext) -> int:
     return moved
 
 
+def _pending_of_job(query: Select[Any], job_id: str) -> Select[Any]:
+    """`query` over the job's pending requests, each joined to the batch that holds it."""
+    r, b = requests_table, batches_table
+    return (
+        query.select_from(r)
+        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+        .where(r.c.job_number == job_number_of(job_id), r.c.outcome.is_(None))
+    )
+
+
 def _pending_by_batch(conn: Connection, job_id: str) -> list[tuple[str, int]]:
     """(collected batch id, how many of its requests are pending) for one job."""
-    r, b = requests_table, batches_table
+    b = batches_table
+    query = _pending_of_job(select(b.c.id, func.count()), job_id)
     return [
         (batch_id, n)
         for batch_id, n in conn.execute(
-            select(b.c.id, func.count())
-            .select_from(r)
-            .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
-            .where(
-                r.c.job_number == job_number_of(job_id),
-                r.c.outcome.is_(None),
-                b.c.collected_at.is_not(None),
-            )
-            .group_by(b.c.id)
-            .order_by(b.c.id)
+            query.where(b.c.collected_at.is_not(None)).group_by(b.c.id).order_by(b.c.id)
         ).all()
     ]
 
 
 def _pending_rows(conn: Connection, job_id: str, batch_ids: list[str]) -> list[Row]:
     r, b = requests_table, batches_table
-    return list(
-        conn.execute(
-            select(
-                r.c.position,
-                r.c.custom_id,
-                b.c.id.label("batch_id"),
-                r.c.batch_number,
-                r.c.attempt,
-                b.c.input_path,
-                b.c.model,
-            )
-            .select_from(r)
-            .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
-            .where(
-                r.c.job_number == job_number_of(job_id),
-                r.c.outcome.is_(None),
-                b.c.id.in_(batch_ids),
-            )
-            .order_by(r.c.position)
-        ).all()
-    )
+    columns = (r.c.position, r.c.custom_id, b.c.id.label("batch_id"), r.c.batch_number,
+               r.c.attempt, b.c.input_path, b.c.model)  # fmt: skip
+    query = _pending_of_job(select(*columns), job_id)
+    return list(conn.execute(query.where(b.c.id.in_(batch_ids)).order_by(r.c.position)).all())
 
 
 def retry_job(ctx: DutyContext, job_id: str) -> int:
