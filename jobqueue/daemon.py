@@ -181,7 +181,10 @@ class Daemon:
     def run_forever(self, stop: threading.Event) -> None:
         self.start()
         try:
-            stop.wait()
+            # A timed wait: the main thread returns to Python at least once a second, so a
+            # signal's handler never waits on a blocked lock acquire.
+            while not stop.wait(1.0):
+                pass
         finally:
             self.stop()
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
 from tests.daemon_helpers import API_KEY, content_of, make_queue, remote_batches_per_local_id
 from tests.factories import chat_file
@@ -28,9 +30,25 @@ def _daemon_env(db_url: str, data_dir: Path, base_url: str, **extra: str) -> dic
         JOBQUEUE_POLL_INTERVAL="0.2",
         JOBQUEUE_LEASE_SECONDS="30",
         JOBQUEUE_LOG_LEVEL="warning",
+        # A daemon that hangs is sent SIGABRT (see `_terminate`): its threads' stacks go to the log.
+        PYTHONFAULTHANDLER="1",
         **extra,
     )
     return env
+
+
+def _terminate(proc: subprocess.Popen, log: Path, timeout: float = 30) -> int:
+    """SIGTERM, and the exit code; a daemon still running after `timeout` fails the test with
+    the stacks of all its threads."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(10)
+        pytest.fail(
+            f"no exit {timeout}s after SIGTERM; the daemon's log:\n{log.read_text()[-8000:]}"
+        )
 
 
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -85,8 +103,7 @@ def test_sigkill_and_restart_lose_and_duplicate_nothing(db_url: str, tmp_path: P
                 pass
         finally:
             ready.close()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0, log.read_text()[-3000:]
+            assert _terminate(proc, log) == 0, log.read_text()[-3000:]
         assert kills >= 3
         assert final.status == "completed", final.to_dict()
         got = [(r["custom_id"], content_of(r)) for r in jq.results(job.id)]
