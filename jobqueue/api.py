@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from jobqueue import inputs
 from jobqueue.durations import parse_duration
 from jobqueue.hooks import outbox
 from jobqueue.ids import new_id
-from jobqueue.intake import RequestIndexLoader, batch_number_of
+from jobqueue.intake import RequestIndexLoader, batch_number_for
 from jobqueue.lifecycle import request_cancel
 from jobqueue.logs import get_logger
 from jobqueue.records import Event, Job
@@ -166,7 +167,7 @@ class JobQueue:
                     {
                         "id": new_id("batch"),
                         "job_id": job_id,
-                        "number": batch_number_of(shard),
+                        "number": batch_number_for(shard),
                         "status": "queued",
                         "shard_index": shard.index,
                         "attempt": 1,
@@ -359,26 +360,25 @@ class JobQueue:
 
     def export_results(self, job_id: str, out: IO[bytes], *, errors_only: bool = False) -> int:
         """Write the results as JSONL in input order to a binary stream; return lines written."""
-        job = self.get(job_id)
-        number, paths = self._result_paths(job)
+        number, paths = self._result_paths(job_id)
         return write_result_lines(self.store, number, paths, out, errors_only=errors_only)
 
     def _result_lines(self, job_id: str, *, errors_only: bool) -> Iterator[bytes]:
-        job = self.get(job_id)
-        number, paths = self._result_paths(job)
+        number, paths = self._result_paths(job_id)
         for _row, line in iter_result_lines(self.store, number, paths, errors_only=errors_only):
             yield line
 
-    def _result_paths(self, job: Job) -> tuple[int, dict[int, dict[str, str]]]:
+    def _result_paths(self, job_id: str) -> tuple[int, dict[int, dict[str, str]]]:
         """The job's number and, by batch number, the result files the export reads."""
-        if job.purged_at is not None:
+        with self.store.read() as conn:
+            row = self.job_row(conn, job_id)
+            batches = self.store.job_batches(conn, row.id)
+        if row.purged_at is not None:
+            purged = datetime.fromtimestamp(row.purged_at, UTC)
             raise JobQueueError(
-                f"the results of job {job.id} were deleted on {job.purged_at:%Y-%m-%d} "
+                f"the results of job {row.id} were deleted on {purged:%Y-%m-%d} "
                 f"(result_retention is {self.settings.result_retention:g}s)"
             )
-        with self.store.read() as conn:
-            row = self.job_row(conn, job.id)
-            batches = self.store.job_batches(conn, job.id)
         return row.number, {
             b.number: {
                 k: v

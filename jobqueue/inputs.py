@@ -44,7 +44,6 @@ __all__ = [
     "Problem",
     "Shard",
     "check_endpoint",
-    "iter_shard_requests",
     "prepare_input",
     "shard_request_json",
 ]
@@ -181,19 +180,6 @@ def shard_request_json(shard: Shard) -> tuple[str, int | None]:
         return ids.decode(), shard.first_position
     pairs = zip(orjson.loads(_json_array(shard.positions_path)), orjson.loads(ids), strict=True)
     return orjson.dumps(list(pairs)).decode(), None
-
-
-def iter_shard_requests(shard: Shard) -> Iterator[tuple[int, str]]:
-    """Yield (input position, custom_id) for each line of the shard, in shard order."""
-    loads = orjson.loads
-    with open(shard.ids_path, "rb", buffering=_READ_BUFFER) as ids:
-        if shard.positions_path is None:
-            for i, line in enumerate(ids, shard.first_position):
-                yield i, loads(line)
-            return
-        with open(shard.positions_path, "rb", buffering=_READ_BUFFER) as positions:
-            for line, pos in zip(ids, positions, strict=True):
-                yield int(pos), loads(line)
 
 
 class _Problems:
@@ -422,12 +408,6 @@ def _prepare(
     open_shards: dict[str | None, _OpenShard],
     on_shard: Callable[[Shard], None] | None,
 ) -> PreparedInput:
-    def finish(shard: _OpenShard) -> None:
-        closed = shard.close(sync)
-        done.append(closed)
-        if on_shard is not None:
-            on_shard(closed)
-
     max_line = min(limits.max_line_bytes, limits.max_bytes)
     max_requests, max_bytes = limits.max_requests, limits.max_bytes
     max_inputs = limits.max_embedding_inputs
@@ -442,6 +422,14 @@ def _prepare(
     seen: set[int] = set()
     suspects: set[int] = set()
     done: list[Shard] = []
+
+    def finish(shard: _OpenShard) -> None:
+        """Close a complete shard and hand it over."""
+        closed = shard.close(sync)
+        done.append(closed)
+        if on_shard is not None:
+            on_shard(closed)
+
     models: dict[str, None] = {}  # first-appearance order
     seen_add = seen.add
     next_index = 0

@@ -19,7 +19,7 @@ from jobqueue.inputs import Shard, shard_request_json
 from jobqueue.store import Store
 
 
-def batch_number_of(shard: Shard) -> int:
+def batch_number_for(shard: Shard) -> int:
     """A first-attempt batch is numbered after its shard: 1, 2, 3… in input order."""
     return shard.index + 1
 
@@ -80,7 +80,7 @@ class RequestIndexLoader:
             try:
                 data, first_position = shard_request_json(shard)
                 self._store.insert_requests_json(
-                    self._conn, self._job_number, batch_number_of(shard), data, first_position
+                    self._conn, self._job_number, batch_number_for(shard), data, first_position
                 )
             except BaseException as exc:  # handed to the intake thread, which re-raises it
                 self._error = exc

@@ -23,7 +23,7 @@ def fail_pending_requests(conn: Connection, job_id: str, batch_id: str, error_co
     """Give every still-pending request of a batch a final `error_code` failure; count them."""
     result = conn.execute(
         update(requests_table)
-        .where(*requests_of_batch(batch_id), requests_table.c.outcome.is_(None))
+        .where(*requests_of_batch(job_id, batch_id), requests_table.c.outcome.is_(None))
         .values(outcome="failed", error_code=error_code)
     )
     failed = result.rowcount or 0

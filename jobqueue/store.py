@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -61,16 +60,10 @@ def batch_number_of(batch_id: str) -> ScalarSelect[Any]:
     return select(batches_table.c.number).where(batches_table.c.id == batch_id).scalar_subquery()
 
 
-def requests_of_batch(batch_id: str) -> list[ColumnElement[bool]]:
+def requests_of_batch(job_id: str, batch_id: str) -> list[ColumnElement[bool]]:
     """WHERE clauses for the request index rows a batch holds now."""
-    r, b = requests_table, batches_table
-    job_number = (
-        select(jobs_table.c.number)
-        .join(b, b.c.job_id == jobs_table.c.id)
-        .where(b.c.id == batch_id)
-        .scalar_subquery()
-    )
-    return [r.c.job_number == job_number, r.c.batch_number == batch_number_of(batch_id)]
+    r = requests_table
+    return [r.c.job_number == job_number_of(job_id), r.c.batch_number == batch_number_of(batch_id)]
 
 
 class StoreError(Exception):
@@ -380,18 +373,6 @@ class Store:
             source = "SELECT ?, ? + key, value, ?, 1 FROM json_each(?)"
             params = (job_number, first_position, batch_number, data)
         conn.exec_driver_sql(f"INSERT INTO requests ({columns}) {source}", params)
-
-    def insert_requests(
-        self,
-        conn: Connection,
-        job_number: int,
-        batch_number: int,
-        requests: Iterable[tuple[int, str]],
-    ) -> None:
-        """Bulk-insert (position, custom_id) pairs of one batch."""
-        self.insert_requests_json(
-            conn, job_number, batch_number, orjson.dumps(list(requests)).decode()
-        )
 
     # -- queries ----------------------------------------------------------------------------
 

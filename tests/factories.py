@@ -77,5 +77,24 @@ def insert_job_with_batch(
     with store.write() as conn:
         job["number"] = store.next_job_number(conn)
         store.insert_job(conn, job, [batch])
-        store.insert_requests(conn, job["number"], 1, ((i, f"req-{i}") for i in range(requests)))
+        insert_requests(store, conn, job["number"], 1, [(i, f"req-{i}") for i in range(requests)])
     return job_id, batch_id
+
+
+def insert_requests(
+    store: Any, conn: Any, job_number: int, batch_number: int, pairs: list[tuple[int, str]]
+) -> None:
+    """Insert (position, custom_id) request index rows of one batch, as intake does."""
+    store.insert_requests_json(conn, job_number, batch_number, orjson.dumps(pairs).decode())
+
+
+def shard_requests(shard: Any) -> list[tuple[int, str]]:
+    """(position, custom_id) of each request of a shard, in shard order, read back from what
+    `shard_request_json` hands the database."""
+    from jobqueue.inputs import shard_request_json
+
+    data, first_position = shard_request_json(shard)
+    values = orjson.loads(data)
+    if first_position is None:
+        return [(position, custom_id) for position, custom_id in values]
+    return list(enumerate(values, first_position))

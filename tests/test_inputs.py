@@ -17,9 +17,9 @@ from jobqueue.inputs import (
     Problem,
     Shard,
     check_endpoint,
-    iter_shard_requests,
     prepare_input,
 )
+from tests.factories import shard_requests
 
 CHAT = "/v1/chat/completions"
 
@@ -185,7 +185,7 @@ def test_hash_collision_is_not_a_duplicate(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(inputs, "_HASH_MASK", 0)
     prepared = prepare(tmp_path, req("a"), req("b"), req("c"))
     assert prepared.requests == 3
-    assert [c for _, c in iter_shard_requests(prepared.shards[0])] == ["a", "b", "c"]
+    assert [c for _, c in shard_requests(prepared.shards[0])] == ["a", "b", "c"]
     err = refused(tmp_path / "dup", req("a"), req("b"), req("b"))
     assert [(p.line, p.message) for p in err.problems] == [
         (3, 'duplicate custom_id "b" (first on line 2)')
@@ -274,14 +274,14 @@ def test_crlf_accepted_and_kept(tmp_path: Path) -> None:
     a, b = line(req("a"))[:-1] + b"\r\n", line(req("b"))[:-1] + b"\r\n"
     prepared = prepare(tmp_path, a, b"\r\n", b)
     assert shard_lines(prepared.shards[0]) == [a, b]
-    assert list(iter_shard_requests(prepared.shards[0])) == [(0, "a"), (1, "b")]
+    assert list(shard_requests(prepared.shards[0])) == [(0, "a"), (1, "b")]
 
 
 def test_blank_lines_ignored_and_not_counted(tmp_path: Path) -> None:
     prepared = prepare(tmp_path, b"\n", req("a"), b"   \n", b"\t\n", req("b"), b"\n")
     (shard,) = prepared.shards
     assert shard.requests == 2 and shard.positions_path is None
-    assert list(iter_shard_requests(shard)) == [(0, "a"), (1, "b")]
+    assert list(shard_requests(shard)) == [(0, "a"), (1, "b")]
 
 
 # --- sharding ---
@@ -341,7 +341,7 @@ def test_shards_by_embedding_inputs(tmp_path: Path) -> None:
         e("f", ["p"] * 3),
     ]
     prepared = prepare(tmp_path, *reqs, endpoint=emb, max_embedding_inputs=5)
-    got = [[cid for _, cid in iter_shard_requests(s)] for s in prepared.shards]
+    got = [[cid for _, cid in shard_requests(s)] for s in prepared.shards]
     assert got == [["a", "b", "c"], ["d", "f"]]
 
 
@@ -359,7 +359,7 @@ def test_shards_by_model_with_positions(tmp_path: Path) -> None:
     assert prepared.models == ["m1", "m2", "m3"]
     want = {0: [0, 2], 1: [1, 4], 2: [3, 6], 3: [5]}
     for s in prepared.shards:
-        got = list(iter_shard_requests(s))
+        got = list(shard_requests(s))
         assert got == [(p, f"r{p}") for p in want[s.index]]
         assert shard_lines(s) == [lines[p] for p in want[s.index]]
         if s.positions_path is None:
@@ -385,7 +385,7 @@ def test_many_models_bounded_open_shards(tmp_path: Path, monkeypatch: pytest.Mon
     prepared = prepare(tmp_path, *[req(f"r{i}", model=m) for i, m in enumerate(models)])
     assert sum(s.requests for s in prepared.shards) == 6
     assert all(len({s.model}) == 1 for s in prepared.shards)
-    seen = sorted(p for s in prepared.shards for p, _ in iter_shard_requests(s))
+    seen = sorted(p for s in prepared.shards for p, _ in shard_requests(s))
     assert seen == list(range(6))
 
 
@@ -393,7 +393,7 @@ def test_ids_any_character(tmp_path: Path) -> None:
     ids = ['a"b', "line\nbreak", "tab\t", "ünï😀", "\\", " "]
     prepared = prepare(tmp_path, *[req(c) for c in ids])
     (shard,) = prepared.shards
-    assert [c for _, c in iter_shard_requests(shard)] == ids
+    assert [c for _, c in shard_requests(shard)] == ids
     assert len(shard.ids_path.read_bytes().splitlines()) == len(ids)
 
 
@@ -402,7 +402,7 @@ def test_move_to(tmp_path: Path) -> None:
     moved = prepared.move_to(tmp_path / "final")
     assert not (tmp_path / "staging").exists()
     assert all(s.path.parent == tmp_path / "final" and s.path.exists() for s in moved.shards)
-    assert list(iter_shard_requests(moved.shards[0])) == [(0, "a"), (2, "c")]
+    assert list(shard_requests(moved.shards[0])) == [(0, "a"), (2, "c")]
 
 
 def test_sync_writes(tmp_path: Path) -> None:

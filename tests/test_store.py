@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from jobqueue.models import batches_table, events_table, requests_table
 from jobqueue.store import Store, StoreError
-from tests.factories import insert_job_with_batch
+from tests.factories import insert_job_with_batch, insert_requests
 
 
 def _count(store: Store, table, *where) -> int:
@@ -150,14 +150,14 @@ def test_bulk_request_insert_from_json(store: Store) -> None:
     ids = [f"id-{i}" for i in range(45_000)] + odd
     with store.write() as conn:
         store.insert_requests_json(conn, number, 1, orjson.dumps(ids).decode(), first_position=10)
-        store.insert_requests(conn, number, 2, [(3, "pair-3"), (0, "pair-0")])
+        insert_requests(store, conn, number, 2, [(3, "pair-3"), (0, "pair-0")])
     rows = _requests(store, number)
     assert len(rows) == len(ids) + 2
     assert rows[0] == (0, "pair-0", 2, 1) and rows[1] == (3, "pair-3", 2, 1)
     assert rows[2] == (10, "id-0", 1, 1)
     assert [r[1] for r in rows[-4:]] == odd and rows[-1][0] == 10 + len(ids) - 1
     with pytest.raises(Exception), store.write() as conn:  # noqa: B017 - driver-specific class
-        store.insert_requests(conn, number, 3, [(5, "new"), (10, "taken")])
+        insert_requests(store, conn, number, 3, [(5, "new"), (10, "taken")])
     assert len(_requests(store, number)) == len(ids) + 2
 
 

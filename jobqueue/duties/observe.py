@@ -218,7 +218,7 @@ def _requeue_for_token_limit(
     conn.execute(batches_table.insert().values(**new_row))
     conn.execute(
         update(requests_table)
-        .where(*requests_of_batch(row.id))
+        .where(*requests_of_batch(row.job_id, row.id))
         .values(batch_number=new_row["number"])
     )
     ctx.store.add_event(
