@@ -76,11 +76,11 @@ def setup_job(source: Path, options: dict[str, Any], timeout: float = 1200.0) ->
     from sqlalchemy import select
 
     from jobqueue.api import JobQueue
-    from jobqueue.daemon import Daemon
+    from jobqueue.core.states import BATCH_TERMINAL
     from jobqueue.duties.reconcile import reconcile_once
     from jobqueue.duties.submit import submit_once
-    from jobqueue.models import batches_table
-    from jobqueue.states import BATCH_TERMINAL
+    from jobqueue.service.daemon import Daemon
+    from jobqueue.store.tables import batches_table
 
     terminal = {s.value for s in BATCH_TERMINAL}
     with JobQueue(**options) as jq:
@@ -118,8 +118,8 @@ def output_files(options: dict[str, Any], job_id: str) -> list[tuple[str, int]]:
     from sqlalchemy import select
 
     from jobqueue.api import JobQueue
-    from jobqueue.models import batches_table
-    from jobqueue.providers import make_provider
+    from jobqueue.remote import make_provider
+    from jobqueue.store.tables import batches_table
 
     with JobQueue(**options) as jq:
         with jq.store.read() as conn:
@@ -144,8 +144,8 @@ def output_files(options: dict[str, Any], job_id: str) -> list[tuple[str, int]]:
 def run_collect(options: dict[str, Any]) -> dict[str, Any]:
     """Only the collect duty, until it moves nothing; download seconds measured apart."""
     from jobqueue.api import JobQueue
-    from jobqueue.daemon import Daemon
     from jobqueue.duties.collect import collect_once
+    from jobqueue.service.daemon import Daemon
 
     with JobQueue(**options) as jq:
         daemon = Daemon(jq.settings, jq.store)

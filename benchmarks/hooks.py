@@ -36,12 +36,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from jobqueue.core.ids import new_id
 from jobqueue.hooks.dispatcher import Dispatcher
 from jobqueue.hooks.signing import generate_secret, verify
 from jobqueue.hooks.sinks import WebhookSink
-from jobqueue.ids import new_id
-from jobqueue.models import events_table
 from jobqueue.store import Store
+from jobqueue.store.tables import events_table
 
 # Each job yields 9 events: job.queued, batch.queued, 5 batch transitions, job.running/completed.
 BATCH_PATH = ["queued", "submitting", "validating", "in_progress", "finalizing", "completed"]

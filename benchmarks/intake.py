@@ -3,8 +3,9 @@
     python benchmarks/intake.py [--requests N] [--keep] [--dir D]
 
 Generates a JSONL of N chat-completion requests (~1 KB bodies, unique custom ids), then measures
-`jobqueue.inputs.prepare_input` on it and `split -l 50000` as a baseline. Each measured run is a
-fresh subprocess, so the generator's memory is not counted; its peak RSS comes from `wait4`.
+`jobqueue.files.inputs.prepare_input` on it and `split -l 50000` as a baseline. Each measured
+run is a fresh subprocess, so the generator's memory is not counted; its peak RSS comes from
+`wait4`.
 
 Seam for more measurements (e.g. a `--full` run of `jobqueue submit`): write a module-level
 function taking keyword arguments and returning a dict (or None), then call
@@ -127,7 +128,7 @@ def _child(target: str, kwargs_json: str) -> None:
 
 def run_prepare(source: str, staging: str, sync: bool = True) -> dict[str, Any]:
     """Measured callable: prepare_input on `source` into `staging`."""
-    from jobqueue.inputs import prepare_input
+    from jobqueue.files.inputs import prepare_input
 
     prepared = prepare_input(Path(source), "/v1/chat/completions", Path(staging), sync=sync)
     return {"shards": len(prepared.shards), "requests": prepared.requests}

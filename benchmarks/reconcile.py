@@ -61,8 +61,8 @@ def insert_local_rows(store: Any, remotes: list[dict[str, Any]]) -> str:
     """One job and a batch row per remote batch, in the status the remote holds it in."""
     from sqlalchemy import insert
 
-    from jobqueue.ids import new_id
-    from jobqueue.models import batches_table, jobs_table
+    from jobqueue.core.ids import new_id
+    from jobqueue.store.tables import batches_table, jobs_table
 
     now = time.time()
     job_id = new_id("job")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     from jobqueue.duties.context import DutyContext
     from jobqueue.emulator import EmulatorConfig
     from jobqueue.emulator.server import serve_in_thread
-    from jobqueue.providers import make_provider
+    from jobqueue.remote import make_provider
     from jobqueue.settings import load_settings
     from jobqueue.store import Store
 

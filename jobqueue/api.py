@@ -17,21 +17,20 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from jobqueue import inputs
-from jobqueue.durations import parse_duration
-from jobqueue.hooks import outbox
-from jobqueue.ids import new_id
-from jobqueue.intake import RequestIndexLoader, batch_number_for
-from jobqueue.lifecycle import request_cancel
+from jobqueue.core.durations import parse_duration
+from jobqueue.core.ids import new_id
+from jobqueue.core.records import Event, Job
+from jobqueue.files import inputs
 from jobqueue.logs import get_logger
-from jobqueue.records import Event, Job
-from jobqueue.results import iter_result_lines, write_result_lines
 from jobqueue.settings import Settings, load_settings
-from jobqueue.store import Store
+from jobqueue.store import Store, outbox
+from jobqueue.store.intake import RequestIndexLoader, batch_number_for
+from jobqueue.store.lifecycle import request_cancel
+from jobqueue.store.results import iter_result_lines, write_result_lines
 
 if TYPE_CHECKING:
-    from jobqueue.daemon import Daemon
-    from jobqueue.providers.base import Provider
+    from jobqueue.remote.base import Provider
+    from jobqueue.service.daemon import Daemon
 
 log = get_logger("jobqueue.api")
 
@@ -278,7 +277,7 @@ class JobQueue:
         """Run the daemon's duties in background threads of this process."""
         if self._daemon is not None:
             return
-        from jobqueue.daemon import Daemon
+        from jobqueue.service.daemon import Daemon
 
         self._daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
         self._daemon.start()
@@ -321,7 +320,7 @@ class JobQueue:
 
     def run(self, stop: threading.Event | None = None, *, provider: Provider | None = None) -> None:
         """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt)."""
-        from jobqueue.daemon import Daemon
+        from jobqueue.service.daemon import Daemon
 
         daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
         try:
@@ -411,7 +410,7 @@ class JobQueue:
         Best effort: whatever fails here, the daemon sends later."""
         from jobqueue.duties.context import DutyContext
         from jobqueue.duties.reconcile import send_cancels
-        from jobqueue.providers import make_provider
+        from jobqueue.remote import make_provider
 
         try:
             remote = provider or make_provider(self.settings)
@@ -428,8 +427,8 @@ class JobQueue:
 
 
 def _provider_class(name: str) -> Any:
-    from jobqueue.providers.azure import AzureOpenAIProvider
-    from jobqueue.providers.openai import OpenAIProvider
+    from jobqueue.remote.azure import AzureOpenAIProvider
+    from jobqueue.remote.openai import OpenAIProvider
 
     return AzureOpenAIProvider if name == "azure" else OpenAIProvider
 

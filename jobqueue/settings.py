@@ -23,7 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from jobqueue.durations import parse_duration
+from jobqueue.core.durations import parse_duration
 
 
 class HookConfig(BaseModel):

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from jobqueue.ids import new_id
+from jobqueue.core.ids import new_id
 
 
 def chat_line(i: int, model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def insert_requests(
 def shard_requests(shard: Any) -> list[tuple[int, str]]:
     """(position, custom_id) of each request of a shard, in shard order, read back from what
     `shard_request_json` hands the database."""
-    from jobqueue.inputs import shard_request_json
+    from jobqueue.files.inputs import shard_request_json
 
     data, first_position = shard_request_json(shard)
     values = orjson.loads(data)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jobqueue.api import JobQueue
-from jobqueue.cli import main
+from jobqueue.cli.app import main
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
 from tests.daemon_helpers import (
     API_KEY,
@@ -329,7 +329,7 @@ def test_local_files_are_purged_after_the_retention(db_url: str, tmp_path: Path)
             import time
 
             time.sleep(0.6)
-            from jobqueue.daemon import Daemon
+            from jobqueue.service.daemon import Daemon
 
             daemon = Daemon(jq.settings, jq.store)
             assert purge_old_files(daemon.ctx) == 1

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import pytest
 
-from jobqueue.cli import main
+from jobqueue.cli.app import main
 from jobqueue.hooks.dispatcher import Dispatcher
 from jobqueue.hooks.sinks import PythonSink
 from jobqueue.store import Store

@@ -19,12 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from jobqueue.hooks import outbox
 from jobqueue.hooks.dispatcher import Dispatcher
 from jobqueue.hooks.signing import WebhookVerificationError, generate_secret, verify
 from jobqueue.hooks.sinks import DeliveryError, PythonSink, WebhookSink
-from jobqueue.models import deliveries_table, delivery_attempts_table, events_table
-from jobqueue.store import Store
+from jobqueue.store import Store, outbox
+from jobqueue.store.tables import deliveries_table, delivery_attempts_table, events_table
 from tests.factories import insert_job_with_batch
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""Tests for jobqueue.inputs: validation, sharding, and leaving nothing behind."""
+"""Tests for jobqueue.files.inputs: validation, sharding, and leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from jobqueue import inputs
-from jobqueue.inputs import (
+from jobqueue.files import inputs
+from jobqueue.files.inputs import (
     ENDPOINTS,
     InputError,
     Limits,

@@ -20,7 +20,7 @@ import pytest
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from jobqueue.providers import (
+from jobqueue.remote import (
     AzureOpenAIProvider,
     IncompleteDownloadError,
     NotFoundError,

@@ -11,10 +11,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobqueue.daemon import Daemon
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
 from jobqueue.hooks.signing import generate_secret, signed_headers
-from jobqueue.server import parse_address, serve_in_background
+from jobqueue.service.daemon import Daemon
+from jobqueue.service.server import parse_address, serve_in_background
 from tests.daemon_helpers import API_KEY, make_queue
 from tests.factories import chat_file
 

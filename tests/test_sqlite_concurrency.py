@@ -9,8 +9,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from jobqueue.api import JobQueue
-from jobqueue.models import events_table, jobs_table
 from jobqueue.store import Store
+from jobqueue.store.tables import events_table, jobs_table
 from tests.factories import chat_file, insert_job_with_batch
 
 

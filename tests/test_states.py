@@ -8,8 +8,7 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
-from jobqueue.models import batches_table, events_table, jobs_table
-from jobqueue.states import (
+from jobqueue.core.states import (
     BATCH_MACHINE,
     BATCH_TERMINAL,
     JOB_MACHINE,
@@ -17,6 +16,7 @@ from jobqueue.states import (
     IllegalTransition,
     JobStatus,
 )
+from jobqueue.store.tables import batches_table, events_table, jobs_table
 from tests.factories import insert_job_with_batch
 
 B = BatchStatus

@@ -9,8 +9,8 @@ import orjson
 import pytest
 from sqlalchemy import func, select
 
-from jobqueue.models import batches_table, events_table, requests_table
 from jobqueue.store import Store, StoreError
+from jobqueue.store.tables import batches_table, events_table, requests_table
 from tests.factories import insert_job_with_batch, insert_requests
 
 

@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import and_, func, select
 
 from jobqueue.api import InvalidOptions, JobQueue
-from jobqueue.cli import main
-from jobqueue.inputs import InputError
-from jobqueue.models import batches_table, events_table, jobs_table, requests_table
+from jobqueue.cli.app import main
+from jobqueue.files.inputs import InputError
 from jobqueue.store import job_number_of
+from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
 from tests.factories import chat_file, chat_line, write_jsonl
 
 

@@ -15,10 +15,10 @@ from sqlalchemy import Row
 
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import error_code
-from jobqueue.lifecycle import settle_job
 from jobqueue.logs import get_logger
-from jobqueue.providers.base import NotFoundError, RemoteError
-from jobqueue.results import record_outcomes
+from jobqueue.remote.base import NotFoundError, RemoteError
+from jobqueue.store.lifecycle import settle_job
+from jobqueue.store.results import record_outcomes
 
 log = get_logger("jobqueue.collect")
 _CLAIM_LIMIT = 8

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobqueue.ids import new_id
-from jobqueue.providers.base import Provider
+from jobqueue.core.ids import new_id
+from jobqueue.remote.base import Provider
 from jobqueue.settings import Settings
 from jobqueue.store import Store
 

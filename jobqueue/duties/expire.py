@@ -11,12 +11,12 @@ import time
 
 from sqlalchemy import select, update
 
+from jobqueue.core.states import BATCH_REMOTE_OPEN
 from jobqueue.duties.context import DutyContext
-from jobqueue.hooks import outbox
-from jobqueue.lifecycle import fail_pending_requests, settle_job
 from jobqueue.logs import get_logger
-from jobqueue.models import batches_table, jobs_table
-from jobqueue.states import BATCH_REMOTE_OPEN
+from jobqueue.store import outbox
+from jobqueue.store.lifecycle import fail_pending_requests, settle_job
+from jobqueue.store.tables import batches_table, jobs_table
 
 log = get_logger("jobqueue.expire")
 # How long a batch may sit in each slow status before it counts as stuck: a multiple of what

@@ -13,13 +13,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, update
 
+from jobqueue.core.ids import new_id
+from jobqueue.core.states import BATCH_TERMINAL, BATCH_TIME_COLUMN, BatchStatus, IllegalTransition
 from jobqueue.duties.context import DutyContext
-from jobqueue.ids import new_id
 from jobqueue.logs import get_logger
-from jobqueue.models import batches_table, requests_table
-from jobqueue.providers.base import RemoteBatch
-from jobqueue.states import BATCH_TERMINAL, BATCH_TIME_COLUMN, BatchStatus, IllegalTransition
+from jobqueue.remote.base import RemoteBatch
 from jobqueue.store import requests_of_batch
+from jobqueue.store.tables import batches_table, requests_table
 
 log = get_logger("jobqueue.reconcile")
 
@@ -233,7 +233,7 @@ def _requeue_for_token_limit(
         requeued_as=new_id_, retry_in_seconds=round(delay, 1),
     )  # fmt: skip
     if cancelled:
-        from jobqueue.lifecycle import request_cancel
+        from jobqueue.store.lifecycle import request_cancel
 
         request_cancel(ctx.store, conn, row.job_id, now=now)
     return True

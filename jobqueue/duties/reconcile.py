@@ -14,7 +14,7 @@ from sqlalchemy import Row
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import observe, observe_many
 from jobqueue.logs import get_logger
-from jobqueue.providers.base import NotFoundError, PermanentRemoteError, RemoteBatch, RemoteError
+from jobqueue.remote.base import NotFoundError, PermanentRemoteError, RemoteBatch, RemoteError
 
 log = get_logger("jobqueue.reconcile")
 PAGE_SIZE = 100

@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Row, Select, and_, bindparam, func, select, update
 
+from jobqueue.core.ids import new_id
 from jobqueue.duties.context import DutyContext
-from jobqueue.ids import new_id
-from jobqueue.lifecycle import settle_job
 from jobqueue.logs import get_logger
-from jobqueue.models import batches_table, requests_table
 from jobqueue.store import job_number_of
+from jobqueue.store.lifecycle import settle_job
+from jobqueue.store.tables import batches_table, requests_table
 
 log = get_logger("jobqueue.retry")
 

@@ -16,15 +16,15 @@ from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import adopt_remote
 from jobqueue.duties.owners import dead_local_owners
 from jobqueue.hooks.sinks import backoff
-from jobqueue.lifecycle import fail_pending_requests, settle_job
 from jobqueue.logs import get_logger
-from jobqueue.providers.base import (
+from jobqueue.remote.base import (
     NotFoundError,
     PermanentRemoteError,
     RemoteBatch,
     RemoteError,
     TransientRemoteError,
 )
+from jobqueue.store.lifecycle import fail_pending_requests, settle_job
 
 log = get_logger("jobqueue.submit")
 

@@ -35,13 +35,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from jobqueue.hooks import outbox
-from jobqueue.hooks.outbox import DEAD, DELIVERED, PENDING, Claimed, Delivery
+from jobqueue.core.records import Event
 from jobqueue.hooks.patterns import matches
 from jobqueue.hooks.sinks import DeliveryError, Sink, backoff, event_body
 from jobqueue.logs import get_logger
-from jobqueue.records import Event
-from jobqueue.store import Store
+from jobqueue.store import Store, outbox
+from jobqueue.store.outbox import DEAD, DELIVERED, PENDING, Claimed, Delivery
 
 __all__ = ["Dispatcher"]
 

@@ -31,14 +31,14 @@ from jobqueue.duties.submit import submit_once
 from jobqueue.hooks.dispatcher import Dispatcher
 from jobqueue.hooks.sinks import Sink, build_sinks, close_sinks
 from jobqueue.logs import get_logger
-from jobqueue.models import events_table, jobs_table, sink_cursors_table
-from jobqueue.providers import make_provider
-from jobqueue.providers.base import Provider
-from jobqueue.sdnotify import notify, watchdog_interval
+from jobqueue.remote import make_provider
+from jobqueue.remote.base import Provider
+from jobqueue.service.sdnotify import notify, watchdog_interval
 from jobqueue.settings import Settings
 from jobqueue.store import Store
+from jobqueue.store.tables import events_table, jobs_table, sink_cursors_table
 
-log = get_logger("jobqueue.daemon")
+log = get_logger("jobqueue.service.daemon")
 # Our scheduler's own logger: a duty woken while it runs is skipped on purpose (the wake is
 # remembered and honoured right after), which APScheduler would report as a warning.
 _scheduler_logger = logging.getLogger("jobqueue.scheduler")

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from jobqueue.providers.openai import DEFAULT_USER_AGENT, OpenAIProvider, _KeyAuth
+from jobqueue.remote.openai import DEFAULT_USER_AGENT, OpenAIProvider, _KeyAuth
 
 
 class AzureOpenAIProvider(OpenAIProvider):

@@ -24,19 +24,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from jobqueue.core.states import BATCH_MACHINE, BatchStatus, JobStatus
 from jobqueue.duties.observe import observe
-from jobqueue.hooks import outbox
 from jobqueue.hooks.signing import WebhookVerificationError, verify
 from jobqueue.httpserver import BackgroundServer
 from jobqueue.logs import get_logger
-from jobqueue.models import batches_table, jobs_table
-from jobqueue.providers.base import RemoteError
-from jobqueue.states import BATCH_MACHINE, BatchStatus, JobStatus
+from jobqueue.remote.base import RemoteError
+from jobqueue.store import outbox
+from jobqueue.store.tables import batches_table, jobs_table
 
 if TYPE_CHECKING:
-    from jobqueue.daemon import Daemon
+    from jobqueue.service.daemon import Daemon
 
-log = get_logger("jobqueue.server")
+log = get_logger("jobqueue.service.server")
 BATCH_EVENTS = frozenset({"batch.completed", "batch.failed", "batch.cancelled", "batch.expired"})
 
 

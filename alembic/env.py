@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from alembic import context
 from sqlalchemy import Connection
 
-from jobqueue.models import metadata
+from alembic import context
+from jobqueue.store.tables import metadata
 
 config = context.config
 
@@ -27,18 +27,22 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
+    # Run by the `alembic` command itself (development): a plain engine, no jobqueue store.
     import os
 
-    from jobqueue.migrations import migration_connection
-    from jobqueue.store import Store
+    from sqlalchemy import create_engine
 
     url = os.environ.get("JOBQUEUE_DATABASE_URL") or config.get_main_option("sqlalchemy.url")
-    store = Store(url or "", migrate=False)
+    engine = create_engine(url or "")
     try:
-        with migration_connection(store) as conn:
+        with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                # A table rebuild drops a referenced table: no foreign keys for this connection.
+                conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
             _run(conn)
+            conn.commit()
     finally:
-        store.close()
+        engine.dispose()
 
 
 if context.is_offline_mode():

@@ -32,13 +32,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from jobqueue.models import (
+from jobqueue.core.times import iso
+from jobqueue.store.tables import (
     deliveries_table,
     delivery_attempts_table,
     events_table,
     sink_cursors_table,
 )
-from jobqueue.store import iso
 
 __all__ = [
     "DEAD",

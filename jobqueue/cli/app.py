@@ -17,14 +17,14 @@ from rich.table import Table
 from rich.text import Text
 
 from jobqueue.api import JobQueue, JobQueueError
-from jobqueue.inputs import InputError
+from jobqueue.core.records import Event, Job
+from jobqueue.files.inputs import InputError
 from jobqueue.logs import configure_logging
-from jobqueue.records import Event, Job
 from jobqueue.settings import ConfigError
 from jobqueue.store import StoreError
 
 if TYPE_CHECKING:
-    from jobqueue.hooks.outbox import Delivery
+    from jobqueue.store.outbox import Delivery
 
 app = typer.Typer(
     name="jobqueue",
@@ -397,7 +397,7 @@ FOLLOW_POLL_SECONDS = 0.5
 
 
 def _deliveries_of(queue: JobQueue, found: list[Event]) -> dict[int, list[Delivery]]:
-    from jobqueue.hooks import outbox
+    from jobqueue.store import outbox
 
     if not found:
         return {}
@@ -475,7 +475,7 @@ def _follow(queue: JobQueue, job_id: str | None, last_seq: int | None, as_json: 
 
 
 def _print_dead(queue: JobQueue, job_id: str | None, limit: int | None, as_json: bool) -> None:
-    from jobqueue.hooks import outbox
+    from jobqueue.store import outbox
 
     with queue.store.read() as conn:
         if job_id is not None:
@@ -505,7 +505,7 @@ def _print_dead(queue: JobQueue, job_id: str | None, limit: int | None, as_json:
 def _redeliver(queue: JobQueue, event_id: str, sink: str | None, as_json: bool) -> None:
     import time
 
-    from jobqueue.hooks import outbox
+    from jobqueue.store import outbox
 
     with queue.store.write() as conn:
         if outbox.find_event(conn, event_id) is None:
@@ -534,7 +534,7 @@ def _redeliver(queue: JobQueue, event_id: str, sink: str | None, as_json: bool) 
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Bring the database schema up to date (jobqueue also does this when it opens one)."""
-    from jobqueue.migrations import current_revision, upgrade
+    from jobqueue.store.migrate import current_revision, upgrade
 
     queue = _state(ctx).queue()
     upgrade(queue.store)
@@ -544,8 +544,8 @@ def db_upgrade(ctx: typer.Context) -> None:
 @db_app.command("current")
 def db_current(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Show the database's schema revision and the code's."""
-    from jobqueue.migrations import current_revision, head_revision
     from jobqueue.store import Store
+    from jobqueue.store.migrate import current_revision, head_revision
 
     state = _state(ctx)
     from jobqueue.settings import load_settings
@@ -563,13 +563,10 @@ def db_current(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
 
 def _register_optional_commands() -> None:
-    from jobqueue import cli_daemon
+    from jobqueue.cli import running
+    from jobqueue.emulator.command import emulator_command
 
-    cli_daemon.register(app, lambda ctx: _state(ctx).queue(), _print_json)
-    try:
-        from jobqueue.emulator.command import emulator_command
-    except ImportError:  # the emulator is still being built
-        return
+    running.register(app, lambda ctx: _state(ctx).queue(), _print_json)
     app.command("emulator", help="Serve a local OpenAI-compatible Batch and Files API.")(
         emulator_command
     )

@@ -10,9 +10,9 @@ import time
 
 from sqlalchemy import Connection, func, select, update
 
-from jobqueue.models import batches_table, jobs_table, requests_table
-from jobqueue.states import BATCH_TERMINAL, BatchStatus, JobStatus
+from jobqueue.core.states import BATCH_TERMINAL, BatchStatus, JobStatus
 from jobqueue.store import Store, job_number_of, requests_of_batch
+from jobqueue.store.tables import batches_table, jobs_table, requests_table
 
 B = BatchStatus
 J = JobStatus

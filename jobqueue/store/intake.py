@@ -15,7 +15,7 @@ from types import TracebackType
 
 from sqlalchemy import Connection
 
-from jobqueue.inputs import Shard, shard_request_json
+from jobqueue.files.inputs import Shard, shard_request_json
 from jobqueue.store import Store
 
 

@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row
-
-from jobqueue.store import iso
+from jobqueue.core.times import iso
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -71,7 +69,7 @@ class Batch:
         return created
 
     @classmethod
-    def from_row(cls, row: Row) -> Batch:
+    def from_row(cls, row: Any) -> Batch:
         return cls(
             id=row.id,
             job_id=row.job_id,
@@ -135,7 +133,7 @@ class Job:
         return self.status in ("completed", "failed", "cancelled", "expired")
 
     @classmethod
-    def from_row(cls, row: Row, batches: list[Row] | None = None) -> Job:
+    def from_row(cls, row: Any, batches: list[Any] | None = None) -> Job:
         return cls(
             id=row.id,
             status=row.status,
@@ -194,7 +192,7 @@ class Event:
     data: dict[str, Any]
 
     @classmethod
-    def from_row(cls, row: Row) -> Event:
+    def from_row(cls, row: Any) -> Event:
         return cls(
             seq=row.seq,
             id=row.id,

@@ -22,10 +22,10 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from jobqueue.api import JobQueue
+from jobqueue.core.records import Event, Job
 from jobqueue.logs import configure_logging
-from jobqueue.models import requests_table
-from jobqueue.records import Event, Job
 from jobqueue.store import job_number_of
+from jobqueue.store.tables import requests_table
 
 out = Console(highlight=False, soft_wrap=True)
 DEMO_KEY = "sk-jobqueue-demo"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from jobqueue.providers.azure import AzureOpenAIProvider
-from jobqueue.providers.base import (
+from jobqueue.remote.azure import AzureOpenAIProvider
+from jobqueue.remote.base import (
     BatchPage,
     IncompleteDownloadError,
     NotFoundError,
@@ -18,7 +18,7 @@ from jobqueue.providers.base import (
     RequestCounts,
     TransientRemoteError,
 )
-from jobqueue.providers.openai import OpenAIProvider
+from jobqueue.remote.openai import OpenAIProvider
 
 __all__ = [
     "AzureOpenAIProvider",

@@ -35,8 +35,7 @@ import httpx
 import orjson
 import structlog
 
-from jobqueue import __version__
-from jobqueue.providers.base import (
+from jobqueue.remote.base import (
     BatchPage,
     IncompleteDownloadError,
     NotFoundError,
@@ -46,8 +45,9 @@ from jobqueue.providers.base import (
     RemoteFile,
     TransientRemoteError,
 )
+from jobqueue.version import __version__
 
-log = structlog.get_logger("jobqueue.providers")
+log = structlog.get_logger("jobqueue.remote")
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_USER_AGENT = f"jobqueue/{__version__} httpx/{httpx.__version__}"

@@ -1,7 +1,7 @@
-"""Alembic migrations, shipped inside the package so an installed jobqueue can upgrade itself.
+"""Running the migrations: an installed jobqueue upgrades its own database.
 
-`alembic.ini` at the top of the repository points here too, for `alembic revision` and
-`alembic check` during development.
+The migrations live in `alembic/` at the top of the repository (`alembic.ini` points there, for
+`alembic revision` and `alembic check`); the wheel ships them as `jobqueue/migrations/`.
 """
 
 from __future__ import annotations
@@ -11,17 +11,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+
+from alembic import command
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
     from jobqueue.store import Store
 
-MIGRATIONS_DIR = Path(__file__).parent
+
+def _migrations_dir() -> Path:
+    """`jobqueue/migrations/` in an installed wheel, `alembic/` in a source checkout."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "migrations", package.parent / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise RuntimeError(f"jobqueue's migrations are missing (looked beside {package})")
+
+
+MIGRATIONS_DIR = _migrations_dir()
 # Any constant will do: it only has to be the same for every jobqueue process.
 _PG_LOCK_KEY = 0x6A6F6271
 

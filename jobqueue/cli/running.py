@@ -1,6 +1,6 @@
 """The commands that run or follow the duties: `run`, `wait`, `results`, `demo`.
 
-Registered on the main app by `jobqueue.cli`; kept apart so the daemon's imports (APScheduler,
+Registered on the main app by `jobqueue.cli.app`; kept apart so the daemon's imports (APScheduler,
 the remote client) load only for the commands that need them.
 """
 
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jobqueue.api import JobQueue
-from jobqueue.records import Job
+from jobqueue.core.records import Job
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -52,7 +52,7 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         SIGTERM or SIGINT stops it cleanly: steps in hand finish, leases are released.
         """
         queue: JobQueue = queue_of(ctx)
-        from jobqueue.daemon import Daemon
+        from jobqueue.service.daemon import Daemon
 
         daemon = Daemon(queue.settings, queue.store)
         if once:
@@ -71,7 +71,7 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         server = None
         address = listen or queue.settings.listen
         if address:
-            from jobqueue.server import serve_in_background
+            from jobqueue.service.server import serve_in_background
 
             server = serve_in_background(daemon, address)
         try:
@@ -164,7 +164,7 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         where = output if output is not None else "stdout"
         stderr.print(f"wrote {written:,} results to {where}")
 
-    from jobqueue.demo import demo_command
+    from jobqueue.cli.demo import demo_command
 
     app.command("demo")(demo_command)
 

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,8 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import ScalarSelect
 
-from jobqueue.ids import new_id
-from jobqueue.logs import get_logger
-from jobqueue.models import batches_table, events_table, jobs_table, requests_table
-from jobqueue.states import (
+from jobqueue.core.ids import new_id
+from jobqueue.core.states import (
     BATCH_MACHINE,
     BATCH_REMOTE_OPEN,
     BATCH_TERMINAL,
@@ -44,6 +41,8 @@ from jobqueue.states import (
     JOB_MACHINE,
     IllegalTransition,
 )
+from jobqueue.logs import get_logger
+from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
 
 log = get_logger("jobqueue.store")
 
@@ -68,13 +67,6 @@ def requests_of_batch(job_id: str, batch_id: str) -> list[ColumnElement[bool]]:
 
 class StoreError(Exception):
     """The database cannot be opened or used."""
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix seconds as ISO 8601 UTC with milliseconds, the format of every payload."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -130,7 +122,7 @@ class Store:
                 f"unsupported database {self.dialect!r}: use sqlite:/// or postgresql+psycopg://"
             )
         if migrate:
-            from jobqueue.migrations import upgrade_if_behind
+            from jobqueue.store.migrate import upgrade_if_behind
 
             try:
                 upgrade_if_behind(self)

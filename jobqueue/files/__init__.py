@@ -1,0 +1,1 @@
+"""Files on disk: streaming validation and sharding of input JSONL."""
