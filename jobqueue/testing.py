@@ -89,6 +89,7 @@ __all__ = [
     "Clock",
     "InMemoryRemote",
     "Pause",
+    "Rule",
     "echo_response",
 ]
 
@@ -248,8 +249,10 @@ class _Rule:
 
     def matches(self) -> bool:
         """Count one more call of our method; whether this one is ours."""
+        if self.removed:
+            return False
         self.seen += 1
-        if self.removed or self.seen < self.nth:
+        if self.seen < self.nth:
             return False
         return self.times is None or self.seen < self.nth + self.times
 

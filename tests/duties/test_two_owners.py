@@ -10,12 +10,14 @@ from contextlib import contextmanager
 import pytest
 
 from jobqueue.duties.submit import submit_once
+from jobqueue.testing import Pause
 from tests.duties.conftest import Crash, World
 
 
 @contextmanager
-def running(fn: Callable[[], object]) -> Iterator[dict[str, object]]:
-    """Run `fn` in a thread (daemon one); on exit, join it and re-raise what it raised."""
+def running(fn: Callable[[], object], paused: Pause) -> Iterator[dict[str, object]]:
+    """Run `fn` in a thread (daemon one); on exit, release `paused` (if the test did not get
+    that far), join the thread and re-raise what it raised."""
     out: dict[str, object] = {}
 
     def target() -> None:
@@ -29,6 +31,7 @@ def running(fn: Callable[[], object]) -> Iterator[dict[str, object]]:
     try:
         yield out
     finally:
+        paused.release()
         thread.join(timeout=30)
         assert not thread.is_alive(), "daemon one never finished"
     if "error" in out:
@@ -44,7 +47,7 @@ def test_a_live_lease_keeps_the_second_daemon_off(world: World) -> None:
     batch_id = _one_batch(world)
     one, two = world.ctx("daemon-1"), world.ctx("daemon-2", own_store=True)
     paused = world.remote.pause("create_batch")
-    with running(lambda: submit_once(one)) as out:
+    with running(lambda: submit_once(one), paused) as out:
         paused.wait()
         assert world.row(batch_id).lease_owner == "daemon-1"
         calls = len(world.remote.calls)
@@ -64,7 +67,7 @@ def test_adopted_by_the_second_daemon_while_the_first_waits_for_the_answer(world
     batch_id = _one_batch(world)
     one, two = world.ctx("daemon-1"), world.ctx("daemon-2", own_store=True)
     paused = world.remote.pause("create_batch", when="after")
-    with running(lambda: submit_once(one)) as out:
+    with running(lambda: submit_once(one), paused) as out:
         paused.wait()
         (remote,) = world.remote.batches()
         world.clock.advance(world.settings.lease_seconds + 1)
@@ -94,7 +97,7 @@ def test_concurrent_recoveries_of_one_batch(world: World, when: str) -> None:
 
     one, two = world.ctx("daemon-1"), world.ctx("daemon-2", own_store=True)
     paused = world.remote.pause("find_batch_by_metadata", when=when)
-    with running(lambda: submit_once(one)) as out:
+    with running(lambda: submit_once(one), paused) as out:
         paused.wait()
         assert world.row(batch_id).lease_owner == "daemon-1"
         assert submit_once(two) == 0  # one holds the lease
@@ -128,7 +131,7 @@ def test_a_daemon_held_past_its_lease_makes_no_second_remote_batch(
     batch_id = _one_batch(world)
     one, two = world.ctx("daemon-1"), world.ctx("daemon-2", own_store=True)
     paused = world.remote.pause(method)
-    with running(lambda: submit_once(one)):
+    with running(lambda: submit_once(one), paused):
         paused.wait()
         world.clock.advance(world.settings.lease_seconds + 1)
         assert submit_once(two) == 2
