@@ -262,11 +262,6 @@ def test_token_limit_refusal_requeues_the_requests(world: World) -> None:
     assert job.status == "completed" and job.request_counts.completed == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="token-limit backoff never doubles: adopt_remote clears last_error when the "
-    "requeued batch is submitted, and _token_limit_refusals counts refusals from it",
-)
 def test_token_limit_backoff_doubles_with_each_refusal(world: World) -> None:
     job = world.submit(4)
     submit_once(world.ctx())
