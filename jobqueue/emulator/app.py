@@ -143,7 +143,8 @@ def check_auth(scope: Scope, api_key: str | None) -> Response | None:
 
 
 def _emulator(request: Request) -> Emulator:
-    return request.app.state.emulator
+    emulator: Emulator = request.app.state.emulator
+    return emulator
 
 
 async def _json(request: Request) -> Any:
