@@ -276,13 +276,21 @@ class JobQueue:
     # -- running the duties -----------------------------------------------------------------
 
     def start(self, *, provider: Provider | None = None) -> None:
-        """Run the daemon's duties in background threads of this process."""
+        """Run the daemon's duties in background threads of this process.
+
+        On SQLite, `jobqueue.service.daemon.DaemonAlreadyRunning` when another daemon (another
+        process, or another `JobQueue` here) already runs on the same database file."""
         if self._daemon is not None:
             return
         from jobqueue.service.daemon import Daemon
 
-        self._daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
-        self._daemon.start()
+        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        try:
+            daemon.start()  # on SQLite, DaemonAlreadyRunning when another daemon has the file
+        except BaseException:
+            daemon.stop()
+            raise
+        self._daemon = daemon
 
     def on(
         self,

@@ -23,7 +23,8 @@ SECRET = generate_secret()
 
 @pytest.fixture
 def listening(db_url: str, tmp_path: Path) -> Iterator[tuple]:
-    """A daemon polling only hourly, whose server receives the emulator's signed webhooks."""
+    """A daemon polling only hourly, whose server receives the emulator's signed webhooks. The
+    test starts the daemon (`daemon.start()`) once it has set up what must come first."""
     import socket
 
     with socket.socket() as s:  # a free port for our server, known before the emulator starts
@@ -38,7 +39,6 @@ def listening(db_url: str, tmp_path: Path) -> Iterator[tuple]:
                         webhook_secret=SECRET)  # fmt: skip
         daemon = Daemon(jq.settings, jq.store)
         server = serve_in_background(daemon, f"127.0.0.1:{port}")
-        daemon.start()
         try:
             yield jq, daemon, server, em
         finally:
@@ -50,7 +50,7 @@ def listening(db_url: str, tmp_path: Path) -> Iterator[tuple]:
 def test_openai_webhook_moves_a_batch_at_once(listening, tmp_path: Path) -> None:
     jq, daemon, _server, em = listening
     job = jq.submit(chat_file(tmp_path / "in.jsonl", 50), "/v1/chat/completions")
-    daemon.wake("submit")
+    daemon.start()
     job = jq.wait(job.id, timeout=20)
     assert job.status == "completed"
     assert daemon.stats.get("webhook_reconciles", 0) >= 1
@@ -92,7 +92,7 @@ def test_webhook_signatures_are_checked(listening) -> None:
 def test_replayed_webhook_changes_nothing(listening, tmp_path: Path) -> None:
     jq, daemon, server, _em = listening
     job = jq.submit(chat_file(tmp_path / "in.jsonl", 10), "/v1/chat/completions")
-    daemon.wake("submit")
+    daemon.start()
     job = jq.wait(job.id, timeout=20)
     events_before = len(jq.events(job.id))
     body = orjson.dumps(
@@ -107,12 +107,13 @@ def test_replayed_webhook_changes_nothing(listening, tmp_path: Path) -> None:
 
 def test_healthz_and_metrics_match_the_database(listening, tmp_path: Path) -> None:
     jq, daemon, server, _em = listening
-    job = jq.submit(chat_file(tmp_path / "in.jsonl", 30), "/v1/chat/completions",
-                    max_batch_requests=10)  # fmt: skip
-    daemon.wake("submit")
-    jq.wait(job.id, timeout=20)
+    # Cancelled while no daemon runs, so before any could submit it.
     queued = jq.submit(chat_file(tmp_path / "in2.jsonl", 5), "/v1/chat/completions")
     jq.cancel(queued.id)
+    job = jq.submit(chat_file(tmp_path / "in.jsonl", 30), "/v1/chat/completions",
+                    max_batch_requests=10)  # fmt: skip
+    daemon.start()
+    jq.wait(job.id, timeout=20)
     assert httpx.get(f"{server.url}/healthz").status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
     samples = {

@@ -27,6 +27,8 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_COMPLETED = 0
 EXIT_NOT_COMPLETED = 1
 EXIT_TIMEOUT = 3
+# `run` on a SQLite database that another daemon already runs on.
+EXIT_ALREADY_RUNNING = 2
 
 
 def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
@@ -49,15 +51,27 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
     ) -> None:
         """Run the daemon in the foreground: submit, reconcile, collect, retry, expire.
 
-        SIGTERM or SIGINT stops it cleanly: steps in hand finish, leases are released.
+        SIGTERM or SIGINT stops it cleanly: steps in hand finish, leases are released. On SQLite
+        a second daemon (or `--once` while one runs) is refused with exit 2.
         """
         queue: JobQueue = queue_of(ctx)
+        from jobqueue.service.daemon import DaemonAlreadyRunning
+
+        try:
+            _run(queue, once=once, listen=listen)
+        except DaemonAlreadyRunning as exc:
+            stderr.print(f"error: {exc}", markup=False)
+            raise typer.Exit(EXIT_ALREADY_RUNNING) from None
+
+    def _run(queue: JobQueue, *, once: bool, listen: str | None) -> None:
         from jobqueue.service.daemon import Daemon
 
         daemon = Daemon(queue.settings, queue.store)
         if once:
-            moved = daemon.run_once()
-            daemon.stop()
+            try:
+                moved = daemon.run_once()
+            finally:
+                daemon.stop()
             stderr.print(f"nothing more to do now ({moved} steps taken)")
             return
         stop = threading.Event()

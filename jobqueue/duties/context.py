@@ -31,6 +31,9 @@ class DutyContext:
     # Called with a duty's name when there is new work for it (the daemon wakes that duty).
     wake: Callable[[str], None] = lambda _name: None
     stats: dict[str, Any] = field(default_factory=dict)
+    # What duties keep in this process from one run to the next (the orphan sweep's progress,
+    # webhooks waiting for their batch), by the duty's name.
+    memo: dict[str, Any] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:

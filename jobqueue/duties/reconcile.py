@@ -2,13 +2,16 @@
 
 With few open batches each is retrieved; with many, the list endpoint is walked (100 a page,
 newest first) so that ten thousand open batches cost about a hundred calls a cycle. Batches
-nearest their remote deadline are refreshed first. Cancels the user asked for go out here too.
+nearest their remote deadline are refreshed first. Cancels the user asked for go out here too,
+and the orphan sweep (`duties.orphans`) looks at what the list walk saw. With several daemons
+only the leader runs this duty (see `service.daemon`).
 """
 
 from __future__ import annotations
 
 import time
 
+from jobqueue.duties import orphans
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import observe, observe_many
 from jobqueue.logs import get_logger
@@ -27,8 +30,13 @@ def reconcile_once(ctx: DutyContext) -> int:
     moved = send_cancels(ctx)
     with ctx.store.read() as conn:
         rows = ctx.store.open_remote_batches(conn)
+    seen: list[RemoteBatch] = []
+    horizon = orphans.walk_horizon(ctx)
     if rows:
-        moved += observe_many(ctx, refresh(ctx, rows))
+        moved += observe_many(ctx, refresh(ctx, rows, seen=seen, horizon=horizon))
+    elif horizon is not None:
+        seen = orphans.walk_back(ctx, horizon)
+    orphans.sweep(ctx, seen, adopted={row.remote_id for row in rows})
     ctx.count("reconcile_cycles")
     ctx.count("reconcile_seconds", time.perf_counter() - started)
     ctx.stats["last_cycle_calls"] = ctx.stats.get("reconcile_calls", 0) - calls_before
@@ -36,28 +44,49 @@ def reconcile_once(ctx: DutyContext) -> int:
     return moved
 
 
-def refresh(ctx: DutyContext, rows: list[Row]) -> list[tuple[Row, RemoteBatch]]:
-    """The remote object of each row, by single retrieves or by walking list pages."""
+def refresh(
+    ctx: DutyContext,
+    rows: list[Row],
+    *,
+    seen: list[RemoteBatch] | None = None,
+    horizon: float | None = None,
+) -> list[tuple[Row, RemoteBatch]]:
+    """The remote object of each row, by single retrieves or by walking list pages.
+
+    Every listed batch is added to `seen`. With a `horizon` (a creation time) the list is also
+    walked back at least that far, for the orphan sweep (with single retrieves: on its own).
+    """
+    seen = seen if seen is not None else []
     if len(rows) <= ctx.settings.list_threshold:
-        return [(row, remote) for row in rows if (remote := _retrieve(ctx, row)) is not None]
+        retrieved = [(row, remote) for row in rows if (remote := _retrieve(ctx, row)) is not None]
+        if horizon is not None:
+            seen.extend(orphans.walk_back(ctx, horizon))
+        return retrieved
     wanted = {row.remote_id: row for row in rows}
     found: dict[str, RemoteBatch] = {}
     oldest = min((row.validating_at or row.created_at) for row in rows) - _CLOCK_SLACK
+    # Past this, no page holds a batch we look for, nor one the orphan sweep wants to see.
+    limit = oldest if horizon is None else min(oldest, horizon)
     after: str | None = None
-    while len(found) < len(wanted):
+    while len(found) < len(wanted) or horizon is not None:
         try:
             page = ctx.provider.list_batches(after=after, limit=PAGE_SIZE)
         except RemoteError as exc:
             log.warning("listing batches failed; retrieving one by one", error=str(exc))
+            if horizon is not None:
+                orphans.state(ctx).next_walk_at = ctx.clock()  # the sweep's walk: next cycle
             break
         finally:
             ctx.count("reconcile_calls")
+        seen.extend(page.data)
         for remote in page.data:
             if remote.id in wanted:
                 found[remote.id] = remote
         if not page.has_more or not page.data or not page.last_id:
             break
-        if all(r.created_at is not None and r.created_at < oldest for r in page.data):
+        if _all_before(page.data, limit):
+            break
+        if len(found) == len(wanted) and horizon is not None and _all_before(page.data, horizon):
             break
         after = page.last_id
     out: list[tuple[Row, RemoteBatch]] = []
@@ -66,6 +95,10 @@ def refresh(ctx: DutyContext, rows: list[Row]) -> list[tuple[Row, RemoteBatch]]:
         if remote is not None:
             out.append((row, remote))
     return out
+
+
+def _all_before(batches: list[RemoteBatch], when: float) -> bool:
+    return all(r.created_at is not None and r.created_at < when for r in batches)
 
 
 def _retrieve(ctx: DutyContext, row: Row) -> RemoteBatch | None:

@@ -3,6 +3,11 @@ new work, stopped cleanly on SIGTERM/SIGINT, speaking sd_notify under systemd.
 
 Each duty runs with `max_instances=1` and `coalesce=True`; a wake that arrives while the duty
 runs is remembered and honoured as soon as it finishes, so no wake is ever lost.
+
+Several daemons share one PostgreSQL database: the elected leader (`service.leadership`) runs
+the duties in `LEADER_DUTIES` for all of them, every daemon runs the others, and each hears the
+others' wake-ups (`service.wakeups`). On SQLite the one daemon the database allows (a second is
+refused: `store.fleet.hold_sqlite_daemon_lock`) always leads.
 """
 
 from __future__ import annotations
@@ -33,16 +38,24 @@ from jobqueue.hooks.sinks import Sink, build_sinks, close_sinks
 from jobqueue.logs import get_logger
 from jobqueue.remote import make_provider
 from jobqueue.remote.base import Provider
+from jobqueue.service.leadership import Leadership
 from jobqueue.service.sdnotify import notify, watchdog_interval
+from jobqueue.service.wakeups import Listener
 from jobqueue.settings import Settings
 from jobqueue.store import Store
+from jobqueue.store.fleet import DaemonAlreadyRunning, SqliteDaemonLock, hold_sqlite_daemon_lock
 from jobqueue.store.tables import events_table, jobs_table, sink_cursors_table
+
+__all__ = ["LEADER_DUTIES", "Daemon", "DaemonAlreadyRunning", "Duty"]
 
 log = get_logger("jobqueue.service.daemon")
 # Our scheduler's own logger: a duty woken while it runs is skipped on purpose (the wake is
 # remembered and honoured right after), which APScheduler would report as a warning.
 _scheduler_logger = logging.getLogger("jobqueue.scheduler")
 _scheduler_logger.setLevel(logging.ERROR)
+# Run by the leader only: one reconcile walk (with the remote cancels and the orphan sweep) and
+# one maintenance pass for all daemons, whatever their number.
+LEADER_DUTIES = frozenset({"reconcile", "expire"})
 
 
 @dataclass
@@ -113,6 +126,10 @@ class Daemon:
         self.dispatcher: Dispatcher | None = None
         self._dispatch_stop = threading.Event()
         self._dispatch_thread: threading.Thread | None = None
+        # Several daemons: who leads, wake-ups from the others, SQLite's one-daemon lock.
+        self.leadership = Leadership(store, on_change=self._on_leadership)
+        self.listener = Listener(store, self._on_notified, self.wake_all)
+        self._sqlite_lock: SqliteDaemonLock | None = None
 
     @property
     def owner(self) -> str:
@@ -124,9 +141,23 @@ class Daemon:
 
     # -- lifecycle --------------------------------------------------------------------------
 
+    @property
+    def leading(self) -> bool:
+        """Whether this daemon runs the leader's duties now."""
+        return self.leadership.leading
+
     def start(self) -> None:
+        """Start the duties in background threads. On SQLite, `DaemonAlreadyRunning` when
+        another daemon holds the database; nothing is started then."""
         if self._scheduler is not None:
             return
+        self._hold_database()
+        self.leadership.start()
+        self.listener.start()
+        # Ready means listening: what is submitted from now on wakes us at once. A database
+        # that does not answer in time only delays that until the first poll.
+        if self.store.dialect == "postgresql":
+            self.listener.wait_listening(5.0)
         scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(len(self.duties) + 2)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -162,6 +193,8 @@ class Daemon:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
         self._stop_dispatcher()
+        self.listener.stop()
+        self.leadership.stop()
         close_sinks(self._config_sinks)
         try:
             with self.store.write() as conn:
@@ -172,6 +205,7 @@ class Daemon:
             self.log.warning("could not release leases", error=str(exc))
         if self._own_provider:
             self.provider.close()
+        self._release_database()
         self.log.info("daemon stopped")
 
     @property
@@ -192,8 +226,13 @@ class Daemon:
         """Run every duty in turn until a whole round moves nothing; return what moved.
 
         Hook deliveries due now are made too; ones waiting for a retry backoff are left for
-        the next run.
+        the next run. Not started, it takes the lead for its run if no other daemon has it
+        (else it leaves the leader's duties to that one), and SQLite's daemon lock.
         """
+        standalone = self._scheduler is None
+        if standalone:
+            self._hold_database()
+            self.leadership.check()
         dispatcher = self._make_dispatcher()
         total = 0
         try:
@@ -207,7 +246,35 @@ class Daemon:
         finally:
             if dispatcher is not None:
                 dispatcher.close()
+            if standalone:
+                self.leadership.stop()
         return total
+
+    # -- several daemons --------------------------------------------------------------------
+
+    def _hold_database(self) -> None:
+        if self.store.dialect == "sqlite" and self._sqlite_lock is None:
+            self._sqlite_lock = hold_sqlite_daemon_lock(self.store)
+
+    def _release_database(self) -> None:
+        lock, self._sqlite_lock = self._sqlite_lock, None
+        if lock is not None:
+            lock.release()
+
+    def _on_leadership(self, leading: bool) -> None:
+        self.log.info("leader" if leading else "follower")
+        if leading:
+            for name in LEADER_DUTIES:
+                self.wake(name)
+
+    def _on_notified(self, duties: list[str]) -> None:
+        self.ctx.count("notified_wakes")
+        for name in set(duties):
+            if name == "hooks":
+                if self.dispatcher is not None:
+                    self.dispatcher.wake()
+            else:
+                self.wake(name)
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -317,6 +384,8 @@ class Daemon:
                 self.wake(name)
 
     def _call(self, duty: Duty) -> int:
+        if duty.name in LEADER_DUTIES and not self.leadership.leading:
+            return 0  # the leader does it for all
         state = self._states[duty.name]
         started = time.perf_counter()
         try:

@@ -16,6 +16,7 @@ from jobqueue.core.ids import new_id
 from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
 from jobqueue.core.states import BATCH_REMOTE_OPEN, BatchStatus
 from jobqueue.store.events import add_event, request_counts
+from jobqueue.store.fleet import wake
 from jobqueue.store.requests import fail_pending_requests, move_batch_requests
 from jobqueue.store.tables import batches_table, jobs_table
 
@@ -270,6 +271,7 @@ def cancel_queued(
 def request_remote_cancel(conn: Connection, batch_id: str, now: float) -> None:
     """Ask for the batch to be cancelled remotely: the reconcile duty sends the cancel."""
     _update(conn, batch_id, cancel_requested=True, updated_at=now)
+    wake(conn, "reconcile")
 
 
 # -- overdue and stuck ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, insert
 
 from jobqueue.core.ids import new_id
+from jobqueue.store.fleet import duties_of_event, wake
 from jobqueue.store.tables import events_table
 
 
@@ -23,7 +24,8 @@ def add_event(
     data: Mapping[str, Any] | None = None,
     now: float | None = None,
 ) -> str:
-    """Write one event; return its id."""
+    """Write one event; return its id. On PostgreSQL every daemon is woken for it (and for the
+    duty it gives work to, e.g. `submit` for `batch.queued`) when the transaction commits."""
     event_id = new_id("evt")
     conn.execute(
         insert(events_table).values(
@@ -37,6 +39,7 @@ def add_event(
             data=dict(data or {}),
         )
     )
+    wake(conn, *duties_of_event(type_))
     return event_id
 
 
