@@ -129,6 +129,9 @@ def test_healthz_and_metrics_match_the_database(listening, tmp_path: Path) -> No
     assert samples[("jobqueue_requests", (("outcome", "failed"),))] == 5
     assert samples[("jobqueue_requests", (("outcome", "pending"),))] == 0
     assert samples[("jobqueue_reconcile_calls_total", ())] >= 1
+    assert samples[("jobqueue_orphan_batches_total", ())] == 0
+    assert samples[("jobqueue_leader", ())] == 1  # the only daemon leads
+    assert httpx.get(f"{server.url}/healthz").json()["leader"] is True
     daemon.stop()
     assert httpx.get(f"{server.url}/healthz").status_code == 503
 

@@ -69,7 +69,11 @@ def create_server_app(daemon: Daemon) -> Starlette:
     async def healthz(_request: Request) -> Response:
         healthy = await run_in_threadpool(daemon.healthy)
         return JSONResponse(
-            {"status": "ok" if healthy else "unhealthy", "duties": daemon.duty_states()},
+            {
+                "status": "ok" if healthy else "unhealthy",
+                "leader": daemon.leading,
+                "duties": daemon.duty_states(),
+            },
             status_code=200 if healthy else 503,
         )
 
@@ -164,6 +168,17 @@ class MetricsCollector(Collector):
                 "webhook_reconciles",
             ),
             ("jobqueue_collected_bytes", "Result bytes downloaded.", "collected_bytes"),
+            (
+                "jobqueue_orphan_batches",
+                "Orphan remote batches found (a second remote batch for a local one), cancelled "
+                "and their files deleted.",
+                "orphan_batches",
+            ),
+            (
+                "jobqueue_notified_wakes",
+                "Wake-ups heard from other processes (PostgreSQL LISTEN/NOTIFY).",
+                "notified_wakes",
+            ),
         ]:
             c = CounterMetricFamily(name, help_text)
             c.add_metric([], float(stats.get(key, 0)))
@@ -173,6 +188,11 @@ class MetricsCollector(Collector):
         )
         c.add_metric([], float(BATCH_MACHINE.refused_total()))
         yield c
+        g = GaugeMetricFamily(
+            "jobqueue_leader", "1 while this daemon leads (runs reconcile and maintenance)."
+        )
+        g.add_metric([], 1.0 if self.daemon.leading else 0.0)
+        yield g
         runs = CounterMetricFamily("jobqueue_duty_runs", "Duty runs.", labels=["duty"])
         errors = CounterMetricFamily(
             "jobqueue_duty_errors", "Duty runs that failed.", labels=["duty"]
