@@ -215,7 +215,9 @@ def _exact(encoding: str) -> Callable[[str], float]:
     return text
 
 
-def _counter(encoding: str, exact: bool) -> Callable[[str], float]:
+def text_counter(encoding: str = O200K, *, exact: bool = False) -> Callable[[str], float]:
+    """`count(text) -> tokens` (a float: sum several, then round) for one encoding; for hot
+    loops that count many texts of one model."""
     if encoding not in _PARAMS:
         raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
     return _exact(encoding) if exact else _HEURISTIC[encoding]
@@ -223,7 +225,7 @@ def _counter(encoding: str, exact: bool) -> Callable[[str], float]:
 
 def text_tokens(text: str, encoding: str = O200K, *, exact: bool = False) -> int:
     """Tokens of one text (no chat framing)."""
-    return int(_counter(encoding, exact)(text) + 0.5)
+    return int(text_counter(encoding, exact=exact)(text) + 0.5)
 
 
 # ------------------------------------------------------------------------------ bodies
@@ -413,12 +415,14 @@ def input_tokens(
     The encoding comes from the body's `model` unless given. Moderations, images and videos
     count the text of their `input` or `prompt`. Not a mapping: 0.
     """
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         return 0
     if encoding is None:
         encoding = encoding_for_model(body.get("model"))
-    count = _INPUT.get(endpoint, _generic)
-    return int(count(body, _counter(encoding, exact)) + 0.5)
+    text = _HEURISTIC.get(encoding) if not exact else None
+    if text is None:
+        text = text_counter(encoding, exact=exact)
+    return int(_INPUT.get(endpoint, _generic)(body, text) + 0.5)
 
 
 def _positive_int(value: Any) -> int | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from jobqueue.tokens import REPLY_PRIMING, encoding_for_model, input_tokens, text_tokens
+from jobqueue.tokens import REPLY_PRIMING, encoding_for_model, input_tokens, text_counter
 
 SNIPPET_CHARS = 48
 CHAT = "/v1/chat/completions"
@@ -62,10 +62,12 @@ class Shared:
     # Overrides every model's own size when set (`--embedding-dimensions`).
     embedding_dimensions: int | None = None
     encoding: str = field(init=False)
+    count: Callable[[str], float] = field(init=False, repr=False)
     dimensions: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.encoding = encoding_for_model(self.model)
+        self.count = text_counter(self.encoding)
         name = self.model if isinstance(self.model, str) else ""
         self.dimensions = self.embedding_dimensions or MODEL_DIMENSIONS.get(
             name, DEFAULT_EMBEDDING_DIMENSIONS
@@ -137,20 +139,21 @@ def reasoning_factor(endpoint: str, body: dict[str, Any], model: Any) -> int:
 
 
 def make_reply(
-    prompt: str, limit: int | None, factor: int, encoding: str
+    prompt: str, limit: int | None, factor: int, count: Callable[[str], float]
 ) -> tuple[str, int, int, bool]:
-    """(text, its tokens, reasoning tokens, whether it ended by itself) within `limit`."""
+    """(text, its tokens, reasoning tokens, whether it ended by itself) within `limit`;
+    `count` is the batch's `jobqueue.tokens.text_counter`."""
     text = reply_text(prompt)
-    visible = text_tokens(text, encoding)
+    visible = int(count(text) + 0.5)
     reasoning = visible * factor
     if limit is None or visible + reasoning <= limit:
         return text, visible, reasoning, True
     reasoning = min(reasoning, limit)
     room = limit - reasoning
     text = text[: len(text) * room // max(visible, 1)]
-    while text and text_tokens(text, encoding) > room:
+    while text and int(count(text) + 0.5) > room:
         text = text[:-1]
-    return text, text_tokens(text, encoding), reasoning, False
+    return text, int(count(text) + 0.5), reasoning, False
 
 
 def cached_tokens(
@@ -193,7 +196,7 @@ def _chat(body: dict[str, Any], ident: str, tokens: int, cached: int, ctx: Share
         _last_message_text(body.get("messages")),
         output_limit(CHAT, body),
         reasoning_factor(CHAT, body, ctx.model),
-        ctx.encoding,
+        ctx.count,
     )
     out_tokens = visible + reasoning
     return (
@@ -237,7 +240,7 @@ def _chat(body: dict[str, Any], ident: str, tokens: int, cached: int, ctx: Share
 
 def _completion(body: dict[str, Any], ident: str, tokens: int, cached: int, ctx: Shared) -> Built:
     text, visible, _, done = make_reply(
-        _text_of(body.get("prompt")), output_limit(COMPLETIONS, body), 0, ctx.encoding
+        _text_of(body.get("prompt")), output_limit(COMPLETIONS, body), 0, ctx.count
     )
     return (
         {
@@ -270,7 +273,7 @@ def _responses(body: dict[str, Any], ident: str, tokens: int, cached: int, ctx: 
         _text_of(body.get("input")),
         output_limit(RESPONSES, body),
         reasoning_factor(RESPONSES, body, ctx.model),
-        ctx.encoding,
+        ctx.count,
     )
     out_tokens = visible + reasoning
     output: list[dict[str, Any]] = []
@@ -493,7 +496,7 @@ def fast_line_maker(endpoint: str, shared: Shared) -> LineMaker | None:
         b"MODEL", model
     )
     dumps = orjson.dumps
-    encoding = shared.encoding
+    count = shared.count
     # The batch's model decides whether it reasons; only a request naming an effort differs.
     model_factor = reasoning_factor(CHAT, {}, shared.model)
 
@@ -506,11 +509,13 @@ def fast_line_maker(endpoint: str, shared: Shared) -> LineMaker | None:
         limit = body.get("max_completion_tokens")
         if limit is None:
             limit = body.get("max_tokens")
-        if limit is not None:
-            limit = _limit(limit)
-        text, visible, reasoning, done = make_reply(
-            _last_message_text(body.get("messages")), limit, factor, encoding
-        )
+        if limit is None and not factor:  # the common case, inlined
+            text = reply_text(_last_message_text(body.get("messages")))
+            visible, reasoning, done = int(count(text) + 0.5), 0, True
+        else:
+            text, visible, reasoning, done = make_reply(
+                _last_message_text(body.get("messages")), _limit(limit), factor, count
+            )
         out_tokens = visible + reasoning
         line = template % {
             b"ident": ident.encode(),

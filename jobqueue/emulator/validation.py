@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from jobqueue.emulator.responses import MODEL_OPTIONAL
-from jobqueue.tokens import input_tokens
+from jobqueue.tokens import encoding_for_model, input_tokens
 
 # The remote lists several problems at once but not every one of a broken million-line file.
 MAX_REPORTED_ERRORS = 100
@@ -63,6 +63,7 @@ def validate_input(
     total = 0
     line_tokens: array[int] = array("I")
     append = line_tokens.append
+    encoding: str | None = None
     for number, raw in iter_lines(path):
         total += 1
         if total > max_requests:
@@ -92,7 +93,9 @@ def validate_input(
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
             continue
-        estimate = input_tokens(endpoint, body)
+        if encoding is None:
+            encoding = encoding_for_model(model)  # one model a batch: one encoding
+        estimate = input_tokens(endpoint, body, encoding=encoding)
         tokens += estimate
         append(estimate)
     if total == 0 and not errors:
