@@ -350,33 +350,52 @@ def test_compare_and_set_race_between_processes(store: Store, db_url: str) -> No
                  events_table.c.type == "batch.in_progress") == 1  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["batch", "job"])
-@pytest.mark.parametrize("first_commits", [True, False], ids=["commit", "rollback"])
 def test_a_second_connection_waits_for_the_first_on_the_same_edge(
-    store: Store, db_url: str, kind: str, first_commits: bool
+    store: Store, db_url: str
 ) -> None:
     """Two daemons (two stores, two connections) apply one edge. The second waits on the
     first's lock (on PostgreSQL, seen waiting on it); once the first commits, the second finds
     the row moved and applies nothing; if the first rolls back, the second applies it."""
-    job_id, [batch_id] = add_job(store, {"status": "in_progress"})
-    if kind == "batch":
-        row_id, source, dest, cas = batch_id, "in_progress", "completed", cas_batch
-    else:
-        row_id, source, dest, cas = job_id, "running", "completed", cas_job
+    for kind, first_commits in itertools.product(["batch", "job"], [True, False]):
+        job_id, [batch_id] = add_job(store, {"status": "in_progress"})
+        if kind == "batch":
+            row_id, source, dest, cas = batch_id, "in_progress", "completed", cas_batch
+        else:
+            row_id, source, dest, cas = job_id, "running", "completed", cas_job
+        won = _race_one_edge(store, db_url, row_id, source, dest, cas, first_commits)
+        events = [e for e in events_of(store, job_id) if e.type == f"{kind}.{dest}"]
+        if first_commits:
+            assert won is None, kind
+            assert [e.created_at for e in events] == [NOW]
+        else:
+            assert won is not None and won.status == dest, kind
+            assert [e.created_at for e in events] == [NOW + 1]
+
+
+def _race_one_edge(
+    store: Store,
+    db_url: str,
+    row_id: str,
+    source: str,
+    dest: str,
+    cas: Any,
+    first_commits: bool,
+) -> Row | None:
+    """The first applies the edge and holds its transaction until the second waits on it,
+    then commits or rolls back; returns what the second's attempt returned."""
     other = second_store(db_url)
+
+    class Abandon(Exception):
+        pass
+
+    def second() -> Row | None:
+        with other.write() as conn2:
+            return cas(other, conn2, row_id, source, dest, now=NOW + 1)
+
     try:
-
-        class Abandon(Exception):
-            pass
-
         try:
             with store.write() as conn:
                 assert cas(store, conn, row_id, source, dest, now=NOW) is not None
-
-                def second() -> Row | None:
-                    with other.write() as conn2:
-                        return cas(other, conn2, row_id, source, dest, now=NOW + 1)
-
                 waiting = InThread(second)
                 wait_until_blocked(other, waiting.started)
                 assert not waiting.done(0.05)
@@ -384,13 +403,6 @@ def test_a_second_connection_waits_for_the_first_on_the_same_edge(
                     raise Abandon
         except Abandon:
             pass
-        won = waiting.result()
+        return waiting.result()
     finally:
         other.close()
-    events = [e for e in events_of(store, job_id) if e.type == f"{kind}.{dest}"]
-    if first_commits:
-        assert won is None
-        assert [e.created_at for e in events] == [NOW]
-    else:
-        assert won is not None and won.status == dest
-        assert [e.created_at for e in events] == [NOW + 1]
