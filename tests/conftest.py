@@ -85,7 +85,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite database migrated once a run: a test's SQLite store starts as a copy of it
     (running the migrations is most of what opening a fresh store costs)."""
     from jobqueue.store import Store
@@ -102,7 +102,7 @@ def store(db_url: str, request: pytest.FixtureRequest) -> Iterator:
 
     url = make_url(db_url)
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
-        shutil.copyfile(request.getfixturevalue("_sqlite_template"), url.database or "")
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), url.database or "")
     s = Store(db_url)
     yield s
     s.close()

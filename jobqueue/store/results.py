@@ -21,22 +21,15 @@ import msgspec
 import orjson
 from sqlalchemy import Connection
 
+from jobqueue.core.lifecycle import RETRYABLE_CODES, is_retryable
 from jobqueue.store import Store
 
-# Outcomes worth another attempt: the request never ran, or the remote failed it transiently.
-RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "missing_result"})
 NEVER_RAN_MESSAGES = {
     "batch_expired": "This request could not be executed before the completion window expired.",
     "batch_cancelled": "This request was not executed because the batch was cancelled.",
     "missing_result": "The remote reported no result for this request.",
 }
 _CHUNK = 10_000
-
-
-def is_retryable(status_code: int | None, error_code: str | None) -> bool:
-    if error_code in RETRYABLE_CODES:
-        return True
-    return status_code is not None and (status_code >= 500 or status_code in (408, 429))
 
 
 @dataclass(slots=True)

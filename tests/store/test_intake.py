@@ -10,11 +10,11 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Connection, Row, insert, select
+from sqlalchemy import Connection, Row, select
 
 from jobqueue.core.ids import new_id
 from jobqueue.files.inputs import Limits, Shard, prepare_input
-from jobqueue.store import Store
+from jobqueue.store import Store, batches
 from jobqueue.store.intake import RequestIndexLoader, batch_number_for
 from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
 from tests.factories import chat_line, write_jsonl
@@ -50,11 +50,8 @@ def next_batch_number(store: Store, conn: Connection, job_id: str) -> int:
 
 
 def insert_queued_batch(store: Store, conn: Connection, row: Mapping[str, Any]) -> None:
-    """A batch added to a running job (a retry, a requeue), as the duties insert one today."""
-    conn.execute(insert(batches_table).values(**row))
-    store.add_event(
-        conn, "batch.queued", job_id=row["job_id"], batch_id=row["id"], to_status="queued"
-    )
+    """A batch added to a running job (a retry, a requeue)."""
+    batches.insert_queued_batches(conn, [row], now=NOW)
 
 
 def insert_ids(
@@ -108,25 +105,25 @@ def _new_job(store: Store, conn: Connection, requests: int = 0, **values: Any) -
 def test_insert_job_writes_the_job_its_batches_and_their_events(store: Store) -> None:
     with store.write() as conn:
         job = _new_job(store, conn, requests=5, created_at=NOW - 3, updated_at=NOW - 3)
-        batches = [
+        rows = [
             batch_values(job["id"], 1, requests=3, model="m-a", estimated_tokens=30),
             batch_values(job["id"], 2, requests=2, model="m-b", estimated_tokens=20),
         ]
-        insert_job(store, conn, job, batches)
+        insert_job(store, conn, job, rows)
     row = get_job(store, job["id"])
     assert (row.status, row.number, row.request_count) == ("queued", job["number"], 5)
     assert (row.requests_succeeded, row.requests_failed, row.cancel_requested) == (0, 0, False)
     with store.read() as conn:
         stored = store.job_batches(conn, job["id"])
     assert [(b.id, b.number, b.status, b.model, b.estimated_tokens) for b in stored] == [
-        (batches[0]["id"], 1, "queued", "m-a", 30),
-        (batches[1]["id"], 2, "queued", "m-b", 20),
+        (rows[0]["id"], 1, "queued", "m-a", 30),
+        (rows[1]["id"], 2, "queued", "m-b", 20),
     ]
     events = events_of(store, job["id"])
     assert [(e.type, e.batch_id, e.from_status, e.to_status) for e in events] == [
         ("job.queued", None, None, "queued"),
-        ("batch.queued", batches[0]["id"], None, "queued"),
-        ("batch.queued", batches[1]["id"], None, "queued"),
+        ("batch.queued", rows[0]["id"], None, "queued"),
+        ("batch.queued", rows[1]["id"], None, "queued"),
     ]
     assert {e.created_at for e in events} == {NOW - 3}
     assert events[0].data == {

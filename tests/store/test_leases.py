@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Row
 
-from jobqueue.store import Store
+from jobqueue.store import Store, batches
 from tests.store.helpers import LEASE, NOW, InThread, add_job, get_batch, second_store
 
 # -- the operations under test ----------------------------------------------------------------
@@ -23,23 +23,11 @@ from tests.store.helpers import LEASE, NOW, InThread, add_job, get_batch, second
 def claim_queued(
     store: Store, conn: Connection, owner: str, now: float, *, limit: int = 16
 ) -> list[Row]:
-    """The submit duty's claim: due queued batches, oldest job first, moved to `submitting`
-    under `owner`'s lease (as `jobqueue.duties.submit.claim_batches` does it today)."""
+    """The submit duty's claim: due queued batches, oldest job first, each moved to
+    `submitting` under `owner`'s lease unless another daemon claimed it first."""
     claimed = []
     for row in store.queued_candidates(conn, now, limit):
-        taken = store.transition_batch(
-            conn,
-            row.id,
-            "queued",
-            "submitting",
-            values={
-                "lease_owner": owner,
-                "lease_until": now + LEASE,
-                "submit_attempts": row.submit_attempts + 1,
-                "not_before": None,
-            },
-            now=now,
-        )
+        taken = batches.claim_queued(store, conn, row, owner=owner, now=now, lease_seconds=LEASE)
         if taken is not None:
             claimed.append(taken)
     return claimed

@@ -1,12 +1,12 @@
-"""A job's lifecycle rules in the store: settling a job once nothing is left to do, a user's
-cancel, and final failures for a batch's pending requests."""
+"""A job's lifecycle rules in the store: settling a job once nothing is left to do, and a
+user's cancel."""
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, update
+from sqlalchemy import update
 
 from jobqueue.store import Store
-from jobqueue.store.lifecycle import fail_pending_requests, request_cancel, settle_job
+from jobqueue.store.lifecycle import request_cancel, settle_job
 from jobqueue.store.tables import requests_table
 from tests.store.helpers import NOW, add_job, events_of, get_batch, get_job, requests_of
 
@@ -21,10 +21,6 @@ def settle(store: Store, job_id: str, now: float = NOW) -> str | None:
 def cancel(store: Store, job_id: str, now: float = NOW) -> int:
     with store.write() as conn:
         return request_cancel(store, conn, job_id, now=now)
-
-
-def fail_pending(store: Store, conn: Connection, job_id: str, batch_id: str, code: str) -> int:
-    return fail_pending_requests(conn, job_id, batch_id, code)
 
 
 def _finish_requests(store: Store, job_id: str, outcome: str = "succeeded") -> None:
@@ -124,26 +120,3 @@ def test_cancelling_a_job_of_queued_batches_ends_it_at_once(store: Store) -> Non
         "batch.cancelled",
         "job.cancelled",
     ]
-
-
-# -- final failures ---------------------------------------------------------------------------
-
-
-def test_fail_pending_requests_fails_only_the_batchs_pending_ones(store: Store) -> None:
-    job_id, [first, _] = add_job(store, {"requests": 3}, {"requests": 1})
-    r = requests_table
-    with store.write() as conn:
-        conn.execute(
-            update(r)
-            .where(r.c.job_number == get_job(store, job_id).number, r.c.position == 0)
-            .values(outcome="succeeded")
-        )
-        assert fail_pending(store, conn, job_id, first, "batch_expired") == 2
-        assert fail_pending(store, conn, job_id, first, "batch_expired") == 0
-    assert [(q.outcome, q.error_code) for q in requests_of(store, job_id)] == [
-        ("succeeded", None),
-        ("failed", "batch_expired"),
-        ("failed", "batch_expired"),
-        (None, None),
-    ]
-    assert get_job(store, job_id).requests_failed == 2

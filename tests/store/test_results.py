@@ -8,11 +8,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from sqlalchemy import Connection, update
+from sqlalchemy import Connection
 
 from jobqueue.store import Store
+from jobqueue.store.requests import move_to_retry_batch
 from jobqueue.store.results import record_outcomes
-from jobqueue.store.tables import requests_table
 from tests.store.helpers import add_job, get_job, requests_of
 
 # -- the operations under test ----------------------------------------------------------------
@@ -40,14 +40,13 @@ def record(
 
 
 def move_to_batch(store: Store, job_id: str, positions: list[int], batch_number: int) -> None:
-    """Requests put into a retry batch, as the retry duty moves them today."""
-    r = requests_table
+    """Requests put into a retry batch, as the retry duty moves them."""
+    held = {r.position: r.batch_number for r in requests_of(store, job_id)}
     with store.write() as conn:
-        conn.execute(
-            update(r)
-            .where(r.c.job_number == get_job(store, job_id).number, r.c.position.in_(positions))
-            .values(batch_number=batch_number, attempt=r.c.attempt + 1)
+        moved = move_to_retry_batch(
+            conn, get_job(store, job_id).number, [(p, held[p]) for p in positions], batch_number
         )
+    assert moved == len(positions)
 
 
 # -- lines ------------------------------------------------------------------------------------
