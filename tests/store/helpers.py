@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql.schema import Table
 
@@ -206,3 +206,14 @@ class InThread:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def set_requests(store: Store, job_id: str, positions: list[int], **values: Any) -> None:
+    """Put some of a job's requests in a state (an outcome, an attempt) for a test to start
+    from."""
+    r = requests_table
+    number = get_job(store, job_id).number
+    with store.write() as conn:
+        conn.execute(
+            update(r).where(r.c.job_number == number, r.c.position.in_(positions)).values(**values)
+        )

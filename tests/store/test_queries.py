@@ -3,11 +3,10 @@ with requests to retry, unsettled batches, job counts, and tokens the remote hol
 
 from __future__ import annotations
 
-from sqlalchemy import Row, update
+from sqlalchemy import Row
 
 from jobqueue.store import Store
-from jobqueue.store.tables import requests_table
-from tests.store.helpers import NOW, add_job, get_job
+from tests.store.helpers import NOW, add_job, get_job, set_requests
 
 # -- the operations under test ----------------------------------------------------------------
 
@@ -52,14 +51,7 @@ def _ids(rows: list[Row]) -> list[str]:
 
 
 def _set_outcome(store: Store, job_id: str, positions: list[int], outcome: str | None) -> None:
-    r = requests_table
-    number = get_job(store, job_id).number
-    with store.write() as conn:
-        conn.execute(
-            update(r)
-            .where(r.c.job_number == number, r.c.position.in_(positions))
-            .values(outcome=outcome)
-        )
+    set_requests(store, job_id, positions, outcome=outcome)
 
 
 # -- open batches and cancels -----------------------------------------------------------------
