@@ -40,6 +40,7 @@ from jobqueue.core.states import (
     IllegalTransition,
     JobStatus,
 )
+from jobqueue.files.sharing import create_with_umask
 from jobqueue.logs import get_logger
 from jobqueue.store import events
 from jobqueue.store.batches import insert_queued_batches
@@ -89,7 +90,9 @@ class Store:
             database = parsed.database or ""
             if database in ("", ":memory:"):
                 raise StoreError("an in-memory SQLite database cannot be shared; give a file path")
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            path = Path(database).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            create_with_umask(path)  # not SQLite's fixed 0644: see files.sharing
             self.engine = create_engine(
                 url,
                 echo=echo,
