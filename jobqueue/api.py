@@ -21,6 +21,7 @@ from jobqueue.core.durations import parse_duration
 from jobqueue.core.ids import new_id
 from jobqueue.core.records import Delivery, Event, Job
 from jobqueue.files import inputs
+from jobqueue.files.sharing import share_with_group
 from jobqueue.logs import get_logger
 from jobqueue.settings import Settings, load_settings
 from jobqueue.store import Store, outbox
@@ -85,6 +86,7 @@ class JobQueue:
         )
         self.data_dir = Path(self.settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        share_with_group(self.data_dir)  # a setgid data dir: files group-writable, see there
         self.store = Store(self.settings.effective_database_url)
         self._daemon: Daemon | None = None
         self._python_sinks: list[Any] = []

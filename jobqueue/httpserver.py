@@ -28,9 +28,8 @@ class BackgroundServer:
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
+        # uvicorn listens to signals only from the main thread: the owning process keeps its own.
         self._server = uvicorn.Server(uvicorn_config(app, host, port))
-        # The owning process handles signals itself.
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._server.run, name="uvicorn", daemon=True)
         self.port = port
 

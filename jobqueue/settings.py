@@ -2,7 +2,9 @@
 
 The names of DESIGN.md are interface: `JOBQUEUE_DATABASE_URL`, `JOBQUEUE_DATA_DIR`,
 `JOBQUEUE_BASE_URL`, `OPENAI_API_KEY`, `JOBQUEUE_POLL_INTERVAL`, `OPENAI_WEBHOOK_SECRET`.
-Every other key is `JOBQUEUE_<KEY>` in the environment and `<key>` in the file.
+Every other key is `JOBQUEUE_<KEY>` in the environment and `<key>` in the file. Under systemd the
+two secrets may instead come as credentials (`LoadCredential=openai_api_key:…`): files named
+`openai_api_key` and `openai_webhook_secret` in `$CREDENTIALS_DIRECTORY`, below the environment.
 """
 
 from __future__ import annotations
@@ -129,8 +131,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Explicit arguments win, then the environment, then the TOML file.
+        # Explicit arguments win, then the environment, then systemd credentials, then the file.
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials:
+            sources.append(_CredentialsSource(settings_cls, Path(credentials)))
         path = _CONFIG_PATH.get("path") or os.environ.get("JOBQUEUE_CONFIG")
         if path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
@@ -142,6 +147,37 @@ class Settings(BaseSettings):
 
 
 _CONFIG_PATH: dict[str, str | None] = {}
+
+# Credential file (systemd `LoadCredential=` id) -> the name the environment gives it.
+CREDENTIALS = {"openai_api_key": "OPENAI_API_KEY", "openai_webhook_secret": "OPENAI_WEBHOOK_SECRET"}
+
+
+class _CredentialsSource(PydanticBaseSettingsSource):
+    """The secrets as systemd passes them: one file per credential in `$CREDENTIALS_DIRECTORY`,
+    readable by the service's user only and never in its environment (so never inherited by a
+    hook command). A missing file is no credential; one that cannot be read is a config error."""
+
+    def __init__(self, settings_cls: type[BaseSettings], directory: Path) -> None:
+        super().__init__(settings_cls)
+        self.directory = directory
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the files
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in CREDENTIALS.items():
+            path = self.directory / name
+            try:
+                value = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                continue
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+                raise ValueError(f"cannot read the credential {path}: {reason}") from None
+            if value:
+                values[field] = value
+        return values
 
 
 class ConfigError(Exception):

@@ -67,20 +67,34 @@ def test_opening_an_old_database_upgrades_it(db_url: str) -> None:
     reopened.close()
 
 
-def test_alembic_check_command_line(tmp_path: Path) -> None:
-    """`alembic check` from the repository root, as a developer runs it."""
-    url = f"sqlite:///{tmp_path / 'dev.db'}"
-    Store(url).close()
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", "check"],
+def _alembic(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    """The `alembic` command run from the repository root (its alembic.ini), as a developer does."""
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
         cwd=REPO,
         env={"JOBQUEUE_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr
-    assert "No new upgrade operations detected" in result.stdout + result.stderr
+
+
+def test_alembic_check_command_line(db_url: str) -> None:
+    """`alembic upgrade head` then `alembic check` on a fresh database: no drift, and a drifted
+    database is reported."""
+    upgraded = _alembic("upgrade", "head", url=db_url)
+    assert upgraded.returncode == 0, upgraded.stderr
+    checked = _alembic("check", url=db_url)
+    assert checked.returncode == 0, checked.stderr
+    assert "No new upgrade operations detected" in checked.stdout + checked.stderr
+    store = Store(db_url, migrate=False)
+    assert current_revision(store) == head_revision()
+    with store.write() as conn:
+        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN error")
+    store.close()
+    drifted = _alembic("check", url=db_url)
+    assert drifted.returncode != 0
+    assert "New upgrade operations detected" in drifted.stdout + drifted.stderr
 
 
 def test_db_upgrade_command(tmp_path: Path) -> None:
@@ -152,4 +166,55 @@ def test_0003_carries_the_request_index_over_and_back(db_url: str) -> None:
     with store.read() as conn:
         back = sorted(tuple(r) for r in conn.exec_driver_sql("SELECT * FROM requests").all())
     assert back == sorted(requests, key=lambda r: (r[0], r[1]))
+    store.close()
+
+
+def test_0004_carries_token_limit_refusals_over_from_last_error(db_url: str) -> None:
+    """The count of token-limit refusals, once only in `last_error` ("token_limit_exceeded
+    xN"), becomes `batches.token_limit_refusals`; other batches start at 0; downgrade drops it."""
+    store = Store(db_url, migrate=False)
+    upgrade(store, "0003")
+    p = "%s" if store.dialect == "postgresql" else "?"
+    now = 1_700_000_000.0
+    job_columns = (
+        "id, number, status, endpoint, completion_window, user_metadata, max_attempts, source, "
+        "input_dir, max_batch_requests, max_batch_bytes, request_count, bytes, "
+        "requests_succeeded, requests_failed, cancel_requested, created_at, updated_at"
+    )
+    batch_columns = (
+        "id, job_id, number, status, shard_index, attempt, input_path, request_count, bytes, "
+        "estimated_tokens, remote_total, remote_completed, remote_failed, submit_attempts, "
+        "cancel_requested, last_error, created_at, updated_at"
+    )
+    batches = [
+        ("batch_1", "queued", "token_limit_exceeded x3"),
+        ("batch_2", "failed", "token_limit_exceeded: Enqueued token limit reached."),
+        ("batch_3", "completed", None),
+        ("batch_4", "queued", "token_limit_exceeded x12"),
+    ]
+    with store.write() as conn:
+        conn.exec_driver_sql(
+            f"INSERT INTO jobs ({job_columns}) VALUES ({', '.join([p] * 18)})",
+            ("job_a", 1, "running", "/v1/chat/completions", "24h", "{}", 3, "", "", 50_000,
+             1 << 20, 4, 40, 0, 0, False, now, now),
+        )  # fmt: skip
+        for number, (batch_id, status, last_error) in enumerate(batches, 1):
+            conn.exec_driver_sql(
+                f"INSERT INTO batches ({batch_columns}) VALUES ({', '.join([p] * 18)})",
+                (batch_id, "job_a", number, status, 0, 1, "", 1, 10, 0, 0, 0, 0, 0, False,
+                 last_error, now, now),
+            )  # fmt: skip
+    upgrade(store, "0004")
+    with store.read() as conn:
+        counts = dict(conn.exec_driver_sql("SELECT id, token_limit_refusals FROM batches").all())
+        errors = dict(conn.exec_driver_sql("SELECT id, last_error FROM batches").all())
+    assert counts == {"batch_1": 3, "batch_2": 0, "batch_3": 0, "batch_4": 12}
+    assert errors == {batch_id: last_error for batch_id, _, last_error in batches}
+    downgrade(store, "0003")
+    columns = {c["name"] for c in inspect(store.engine).get_columns("batches")}
+    assert "token_limit_refusals" not in columns and "last_error" in columns
+    with store.read() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM batches").scalar_one() == 4
+    upgrade(store)
+    assert current_revision(store) == head_revision()
     store.close()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 
 import orjson
 import pytest
 from sqlalchemy import func, select
 
-from jobqueue.store import Store, StoreError
+from jobqueue.store import Store, StoreError, batches
 from jobqueue.store.tables import batches_table, events_table, requests_table
 from tests.factories import insert_job_with_batch, insert_requests
 
@@ -184,3 +185,42 @@ def test_batches_of_a_job_in_order(store: Store) -> None:
     with store.read() as conn:
         assert [b.id for b in store.job_batches(conn, job_id)] == [batch_id]
         assert conn.execute(select(batches_table.c.status)).scalars().all() == ["queued"]
+
+
+def test_token_limit_requeue_counts_refusals_across_submissions(store: Store) -> None:
+    """A batch refused for the token limit fails and its requests move to a new queued batch,
+    same attempt, with one more refusal counted; the count survives the next submission."""
+    job_id, batch_id = insert_job_with_batch(store, "in_progress")
+    now = time.time()
+    with store.write() as conn:
+        refused = store.get_batch(conn, batch_id)
+        first = batches.requeue_after_token_limit(store, conn, refused, {}, delay=5.0, now=now)
+        assert first is not None
+        # Already failed: a second refusal of the same row moves nothing.
+        again = batches.requeue_after_token_limit(store, conn, refused, {}, delay=5.0, now=now)
+        assert again is None
+        claimed = batches.claim_queued(
+            store, conn, store.get_batch(conn, first), owner="me", now=now, lease_seconds=60
+        )
+        assert claimed is not None and claimed.lease_owner == "me"
+        submitted = batches.mark_submitted(
+            store, conn, first, {"remote_id": "batch_remote_1", "last_error": None}, at=None,
+            now=now,
+        )  # fmt: skip
+        assert submitted is not None and submitted.lease_owner is None
+        second = batches.requeue_after_token_limit(store, conn, submitted, {}, delay=10.0, now=now)
+        assert second is not None
+        rows = {b.id: b for b in store.job_batches(conn, job_id)}
+        number = store.get_job(conn, job_id).number
+    assert [rows[i].status for i in (batch_id, first, second)] == ["failed", "failed", "queued"]
+    assert [rows[i].token_limit_refusals for i in (batch_id, first, second)] == [0, 1, 2]
+    assert rows[second].last_error == "token_limit_exceeded x2"
+    assert rows[second].not_before == pytest.approx(now + 10.0)
+    assert rows[batch_id].collected_at is not None and rows[first].collected_at is not None
+    assert {r.attempt for r in rows.values()} == {1}
+    assert _requests(store, number) == [(i, f"req-{i}", rows[second].number, 1) for i in range(3)]
+    with store.read() as conn:
+        queued = [e for e in store.events(conn, job_id) if e.type == "batch.queued"]
+    assert [(e.batch_id, e.data.get("requeued_from"), e.data.get("retry_in_seconds"))
+            for e in queued] == [(batch_id, None, None), (first, batch_id, 5.0),
+                                 (second, first, 10.0)]  # fmt: skip

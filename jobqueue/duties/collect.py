@@ -11,12 +11,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Row
-
+from jobqueue.core.lifecycle import batch_may_retry, missing_result_code
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import error_code
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import NotFoundError, RemoteError
+from jobqueue.store import Row, batches, jobs
 from jobqueue.store.lifecycle import settle_job
 from jobqueue.store.results import record_outcomes
 
@@ -73,15 +73,7 @@ def fetch_results(ctx: DutyContext, row: Row) -> _Fetched:
     database nor `ctx.stats`, so it may run in another thread."""
     bound = log.bind(job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id)
     files: list[tuple[str, Path]] = []
-    missing_code = (
-        {
-            "expired": "batch_expired",
-            "cancelled": "batch_cancelled",
-            "completed": "missing_result",
-        }.get(row.status)
-        or error_code(row.errors)
-        or "batch_failed"
-    )
+    missing_code = missing_result_code(row.status, error_code(row.errors))
     downloaded = 0
     for kind, file_id in (("output", row.output_file_id), ("error", row.error_file_id)):
         if not file_id:
@@ -114,14 +106,16 @@ def _record(ctx: DutyContext, row: Row, fetched: _Fetched) -> int:
     bound = log.bind(job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id)
     now = ctx.clock()
     with ctx.store.write() as conn:
-        job = ctx.store.get_job(conn, row.job_id)
+        job = jobs.job_of_batch(ctx.store, conn, row)
         fresh = ctx.store.get_batch(conn, row.id)
         if fresh is None or fresh.collected_at is not None or fresh.lease_owner != ctx.owner:
             return 0
-        can_retry = (
-            row.attempt < job.max_attempts
-            and not job.cancel_requested
-            and (job.deadline_at is None or now < job.deadline_at)
+        can_retry = batch_may_retry(
+            attempt=row.attempt,
+            max_attempts=job.max_attempts,
+            cancel_requested=bool(job.cancel_requested),
+            deadline_at=job.deadline_at,
+            now=now,
         )
         counts = record_outcomes(
             ctx.store,
@@ -133,14 +127,13 @@ def _record(ctx: DutyContext, row: Row, fetched: _Fetched) -> int:
             missing_code=missing_code,
         )
         ctx.store.add_job_counts(conn, row.job_id, counts["succeeded"], counts["failed"])
-        ctx.store.update_batch(
+        stored = dict(files)
+        batches.mark_collected(
             conn,
             row.id,
-            collected_at=now,
-            output_path=str(dict(files).get("output")) if "output" in dict(files) else None,
-            error_path=str(dict(files).get("error")) if "error" in dict(files) else None,
-            lease_owner=None,
-            lease_until=None,
+            output_path=str(stored["output"]) if "output" in stored else None,
+            error_path=str(stored["error"]) if "error" in stored else None,
+            now=now,
         )
         settle_job(ctx.store, conn, row.job_id, now=now)
     bound.info("collected", status=row.status, **counts)

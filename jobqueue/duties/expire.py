@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Any, Literal
 
-from sqlalchemy import select, update
-
-from jobqueue.core.states import BATCH_REMOTE_OPEN
+from jobqueue.core.states import BATCH_REMOTE_OPEN, BATCH_TIME_COLUMN, BatchStatus
 from jobqueue.duties.context import DutyContext
 from jobqueue.logs import get_logger
-from jobqueue.store import outbox
-from jobqueue.store.lifecycle import fail_pending_requests, settle_job
-from jobqueue.store.tables import batches_table, jobs_table
+from jobqueue.store import batches, jobs, outbox
+from jobqueue.store.lifecycle import settle_job
 
 log = get_logger("jobqueue.expire")
-# How long a batch may sit in each slow status before it counts as stuck: a multiple of what
-# the remote documents (cancelling up to ~10 minutes), or the configured `stuck_after`.
-_STUCK_COLUMNS = {
-    "validating": "validating_at",
-    "finalizing": "finalizing_at",
-    "cancelling": "cancelling_at",
-}
+B = BatchStatus
+# The slow statuses: a batch that sits in one longer than the configured `stuck_after` (a
+# multiple of what the remote documents, e.g. cancelling up to ~10 minutes) counts as stuck.
+_STUCK_COLUMNS = {s: BATCH_TIME_COLUMN[s] for s in (B.VALIDATING, B.FINALIZING, B.CANCELLING)}
 _ORPHAN_STAGING_AGE = 3600.0
 
 
@@ -37,34 +32,20 @@ def enforce_deadlines(ctx: DutyContext) -> int:
     """Past its deadline a job starts nothing new: queued batches end, open ones are cancelled
     remotely, and the job ends `expired` with what it has once they are collected."""
     now = ctx.clock()
-    j = jobs_table
     with ctx.store.read() as conn:
-        due = (
-            conn.execute(
-                select(j.c.id).where(
-                    j.c.status.in_(["queued", "running"]),
-                    j.c.deadline_at.is_not(None),
-                    j.c.deadline_at <= now,
-                )
-            )
-            .scalars()
-            .all()
-        )
+        due = jobs.past_deadline(conn, now)
     moved = 0
     for job_id in due:
         with ctx.store.write() as conn:
             for batch in ctx.store.job_batches(conn, job_id):
-                if batch.status == "queued":
-                    ended = ctx.store.transition_batch(
-                        conn, batch.id, "queued", "cancelled",
-                        values={"collected_at": now}, data={"reason": "job deadline passed"},
-                        now=now,
-                    )  # fmt: skip
-                    if ended is not None:
-                        fail_pending_requests(conn, job_id, batch.id, "batch_expired")
+                if batch.status == B.QUEUED:
+                    if batches.cancel_queued(
+                        ctx.store, conn, job_id, batch.id,
+                        reason="job deadline passed", error_code="batch_expired", now=now,
+                    ):  # fmt: skip
                         moved += 1
                 elif batch.status in BATCH_REMOTE_OPEN and not batch.cancel_requested:
-                    ctx.store.update_batch(conn, batch.id, cancel_requested=True, updated_at=now)
+                    batches.request_remote_cancel(conn, batch.id, now)
                     moved += 1
             if settle_job(ctx.store, conn, job_id, now=now):
                 moved += 1
@@ -77,17 +58,11 @@ def enforce_deadlines(ctx: DutyContext) -> int:
 
 def report_overdue_and_stuck(ctx: DutyContext) -> int:
     now, settings = ctx.clock(), ctx.settings
-    b = batches_table
     with ctx.store.read() as conn:
-        rows = conn.execute(
-            select(b).where(
-                b.c.status.in_(list(BATCH_REMOTE_OPEN)),
-                (b.c.overdue_reported_at.is_(None)) | (b.c.stuck_reported_at.is_(None)),
-            )
-        ).all()
+        rows = batches.open_unreported(conn)
     raised = 0
     for row in rows:
-        events: list[tuple[str, dict]] = []
+        events: list[tuple[Literal["overdue", "stuck"], dict[str, Any]]] = []
         if (
             row.overdue_reported_at is None
             and row.expires_at is not None
@@ -108,17 +83,7 @@ def report_overdue_and_stuck(ctx: DutyContext) -> int:
             continue
         with ctx.store.write() as conn:
             for kind, data in events:
-                result = conn.execute(
-                    update(b)
-                    .where(b.c.id == row.id, getattr(b.c, f"{kind}_reported_at").is_(None))
-                    .values(**{f"{kind}_reported_at": now})
-                )
-                if result.rowcount:
-                    ctx.store.add_event(
-                        conn, f"batch.{kind}", job_id=row.job_id, batch_id=row.id,
-                        from_status=row.status, to_status=row.status,
-                        data={"remote_id": row.remote_id, **data}, now=now,
-                    )  # fmt: skip
+                if batches.report_once(conn, row, kind, data, now=now):
                     raised += 1
                     log.warning(f"batch {kind}", job_id=row.job_id, batch_id=row.id, **data)
     return raised
@@ -127,22 +92,13 @@ def report_overdue_and_stuck(ctx: DutyContext) -> int:
 def purge_old_files(ctx: DutyContext) -> int:
     """Delete the local files of jobs that ended longer ago than the retention."""
     now = ctx.clock()
-    j = jobs_table
     cutoff = now - ctx.settings.result_retention
     with ctx.store.read() as conn:
-        old = (
-            conn.execute(
-                select(j.c.id).where(
-                    j.c.finished_at.is_not(None), j.c.finished_at < cutoff, j.c.purged_at.is_(None)
-                )
-            )
-            .scalars()
-            .all()
-        )
+        old = jobs.ended_before(conn, cutoff)
     for job_id in old:
         shutil.rmtree(ctx.job_dir(job_id), ignore_errors=True)
         with ctx.store.write() as conn:
-            conn.execute(update(j).where(j.c.id == job_id).values(purged_at=now))
+            jobs.mark_purged(conn, job_id, now=now)
         log.info("purged local files", job_id=job_id)
     # Hook delivery attempts are an audit trail with the same retention.
     with ctx.store.write() as conn:

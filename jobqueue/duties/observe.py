@@ -8,24 +8,25 @@ batch, after a backoff.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from sqlalchemy import Connection, Row, update
-
-from jobqueue.core.ids import new_id
+from jobqueue.core.backoff import backoff
+from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
 from jobqueue.core.states import BATCH_TERMINAL, BATCH_TIME_COLUMN, BatchStatus, IllegalTransition
 from jobqueue.duties.context import DutyContext
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import RemoteBatch
-from jobqueue.store import requests_of_batch
-from jobqueue.store.tables import batches_table, requests_table
+from jobqueue.store import Connection, Row, batches, jobs
+from jobqueue.store.lifecycle import request_cancel
 
 log = get_logger("jobqueue.reconcile")
 
-TOKEN_LIMIT_CODE = "token_limit_exceeded"
+B = BatchStatus
 _KNOWN = {s.value for s in BatchStatus}
-_TERMINAL = {s.value for s in BATCH_TERMINAL}
+# The token-limit backoff doubles from `token_limit_backoff` six times at most, and never
+# passes six hours.
+_TOKEN_LIMIT_DOUBLINGS = 6
+_TOKEN_LIMIT_CAP = 6 * 3600.0
 
 
 def observed_values(remote: RemoteBatch, row: Row, now: float) -> dict[str, Any]:
@@ -83,25 +84,20 @@ def adopt_remote(
         values.update(
             remote_id=remote.id,
             input_file_id=input_file_id or remote.input_file_id or row.input_file_id,
-            lease_owner=None,
-            lease_until=None,
             last_error=values.get("last_error"),
         )
-        adopted = ctx.store.transition_batch(
+        adopted = batches.mark_submitted(
+            ctx.store,
             conn,
             row.id,
-            "submitting",
-            "validating",
-            values=values,
+            values,
             at=float(remote.created_at) if remote.created_at else None,
             now=now,
         )
         if adopted is None:
             return
-        job = ctx.store.get_job(conn, row.job_id)
-        if job is not None and job.status == "queued":
-            ctx.store.transition_job(conn, row.job_id, "queued", "running", now=now)
-        if remote.status != "validating":
+        jobs.start_if_queued(ctx.store, conn, row.job_id, now=now)
+        if remote.status != B.VALIDATING:
             apply_observation(ctx, conn, adopted, remote)
     ctx.wake("reconcile")
 
@@ -113,7 +109,7 @@ def observe(ctx: DutyContext, batch_id: str, remote: RemoteBatch) -> bool:
         if row is None:
             return False
         moved = apply_observation(ctx, conn, row, remote)
-    if moved and remote.status in _TERMINAL:
+    if moved and remote.status in BATCH_TERMINAL:
         ctx.wake("collect")
         ctx.wake("submit")  # a slot in the enqueued-token budget may have opened
     return moved
@@ -135,7 +131,7 @@ def observe_many(
                 fresh = ctx.store.get_batch(conn, row.id)
                 if fresh is not None and apply_observation(ctx, conn, fresh, remote):
                     moved += 1
-                    ended = ended or remote.status in _TERMINAL
+                    ended = ended or remote.status in BATCH_TERMINAL
     if ended:
         ctx.wake("collect")
         ctx.wake("submit")
@@ -152,11 +148,11 @@ def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: Remo
         # Nothing new (the common case for a long-running batch): write nothing, so a cycle
         # over thousands of open batches costs reads, not commits.
         if changed:
-            ctx.store.update_batch(conn, row.id, **changed, refreshed_at=now)
+            batches.record_observed(conn, row.id, {**changed, "refreshed_at": now})
         if dest not in _KNOWN:
             log.warning("unknown remote status", batch_id=row.id, status=dest)
         return False
-    if dest == "failed" and error_code(remote.errors) == TOKEN_LIMIT_CODE:
+    if dest == B.FAILED and error_code(remote.errors) == TOKEN_LIMIT_CODE:
         return _requeue_for_token_limit(ctx, conn, row, values, now)
     at = getattr(remote, BATCH_TIME_COLUMN.get(BatchStatus(dest), ""), None)
     try:
@@ -181,65 +177,32 @@ def _requeue_for_token_limit(
     """The remote refused the batch for the enqueued-token limit: fail this remote batch, and
     queue its requests again in a new local batch (same shard, same uploaded file) after a
     growing backoff. It costs no attempt: the requests never ran."""
+    delay = token_limit_delay(ctx.settings.token_limit_backoff, row.token_limit_refusals)
     try:
-        failed = ctx.store.transition_batch(
-            conn, row.id, row.status, "failed",
-            values={**values, "collected_at": now}, now=now,
-            data={"reason": TOKEN_LIMIT_CODE},
-        )  # fmt: skip
+        requeued = batches.requeue_after_token_limit(
+            ctx.store, conn, row, values, delay=delay, now=now
+        )
     except IllegalTransition:
         ctx.count("refused_transitions")
         return False
-    if failed is None:
+    if requeued is None:
         return False
-    job = ctx.store.get_job(conn, row.job_id)
-    requeues = _token_limit_refusals(row.last_error)
-    delay = min(ctx.settings.token_limit_backoff * (2 ** min(requeues, 6)), 6 * 3600)
-    new_id_ = new_id("batch")
-    cancelled = bool(job is not None and job.cancel_requested)
-    new_row = {
-        "id": new_id_,
-        "job_id": row.job_id,
-        "number": ctx.store.next_batch_number(conn, row.job_id),
-        "status": "queued",
-        "shard_index": row.shard_index,
-        "attempt": row.attempt,
-        "model": row.model,
-        "input_path": row.input_path,
-        "request_count": row.request_count,
-        "bytes": row.bytes,
-        "estimated_tokens": row.estimated_tokens,
-        "input_file_id": row.input_file_id,
-        "not_before": now + delay,
-        "last_error": f"{TOKEN_LIMIT_CODE} x{requeues + 1}",
-        "created_at": now,
-        "updated_at": now,
-    }
-    conn.execute(batches_table.insert().values(**new_row))
-    conn.execute(
-        update(requests_table)
-        .where(*requests_of_batch(row.job_id, row.id))
-        .values(batch_number=new_row["number"])
-    )
-    ctx.store.add_event(
-        conn, "batch.queued", job_id=row.job_id, batch_id=new_id_, to_status="queued",
-        data={"requeued_from": row.id, "reason": TOKEN_LIMIT_CODE,
-              "retry_in_seconds": round(delay, 1), "attempt": row.attempt,
-              "request_counts": {"total": row.request_count, "completed": 0, "failed": 0}},
-        now=now,
-    )  # fmt: skip
     log.warning(
         "enqueued token limit reached; batch requeued", job_id=row.job_id, batch_id=row.id,
-        requeued_as=new_id_, retry_in_seconds=round(delay, 1),
+        requeued_as=requeued, retry_in_seconds=round(delay, 1),
     )  # fmt: skip
-    if cancelled:
-        from jobqueue.store.lifecycle import request_cancel
-
+    job = ctx.store.get_job(conn, row.job_id)
+    if job is not None and job.cancel_requested:
         request_cancel(ctx.store, conn, row.job_id, now=now)
     return True
 
 
-def _token_limit_refusals(last_error: str | None) -> int:
-    """How many times this shard was already refused for the token limit (0 the first time)."""
-    found = re.search(rf"{TOKEN_LIMIT_CODE} x(\d+)", last_error or "")
-    return int(found.group(1)) if found else 0
+def token_limit_delay(base: float, refusals: int) -> float:
+    """Seconds before a shard refused `refusals` times already (0 the first time) goes again:
+    `base` doubled per earlier refusal, no jitter (the refusals are the remote's own pace)."""
+    return backoff(
+        refusals + 1,
+        base=base,
+        cap=min(_TOKEN_LIMIT_CAP, base * 2**_TOKEN_LIMIT_DOUBLINGS),
+        jitter=False,
+    )

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Row
-
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import observe, observe_many
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import NotFoundError, PermanentRemoteError, RemoteBatch, RemoteError
+from jobqueue.store import Row
 
 log = get_logger("jobqueue.reconcile")
 PAGE_SIZE = 100

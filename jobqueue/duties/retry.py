@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Row, Select, and_, bindparam, func, select, update
 
 from jobqueue.core.ids import new_id
+from jobqueue.core.lifecycle import job_may_retry
 from jobqueue.duties.context import DutyContext
 from jobqueue.logs import get_logger
-from jobqueue.store import job_number_of
+from jobqueue.store import Connection, Row, batches, requests
 from jobqueue.store.lifecycle import settle_job
-from jobqueue.store.tables import batches_table, requests_table
 
 log = get_logger("jobqueue.retry")
 
@@ -37,36 +36,6 @@ def retry_once(ctx: DutyContext) -> int:
     return moved
 
 
-def _pending_of_job(query: Select[Any], job_id: str) -> Select[Any]:
-    """`query` over the job's pending requests, each joined to the batch that holds it."""
-    r, b = requests_table, batches_table
-    return (
-        query.select_from(r)
-        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
-        .where(r.c.job_number == job_number_of(job_id), r.c.outcome.is_(None))
-    )
-
-
-def _pending_by_batch(conn: Connection, job_id: str) -> list[tuple[str, int]]:
-    """(collected batch id, how many of its requests are pending) for one job."""
-    b = batches_table
-    query = _pending_of_job(select(b.c.id, func.count()), job_id)
-    return [
-        (batch_id, n)
-        for batch_id, n in conn.execute(
-            query.where(b.c.collected_at.is_not(None)).group_by(b.c.id).order_by(b.c.id)
-        ).all()
-    ]
-
-
-def _pending_rows(conn: Connection, job_id: str, batch_ids: list[str]) -> list[Row]:
-    r, b = requests_table, batches_table
-    columns = (r.c.position, r.c.custom_id, b.c.id.label("batch_id"), r.c.batch_number,
-               r.c.attempt, b.c.input_path, b.c.model)  # fmt: skip
-    query = _pending_of_job(select(*columns), job_id)
-    return list(conn.execute(query.where(b.c.id.in_(batch_ids)).order_by(r.c.position)).all())
-
-
 def retry_job(ctx: DutyContext, job_id: str) -> int:
     """Resubmit the job's retryable requests, a group of source batches at a time so memory
     stays bounded by the batch size; requests that may not be retried get a final outcome."""
@@ -75,32 +44,34 @@ def retry_job(ctx: DutyContext, job_id: str) -> int:
         job = ctx.store.get_job(conn, job_id)
     if job is None:
         return 0
-    may_retry = not job.cancel_requested and (job.deadline_at is None or now < job.deadline_at)
+    may_retry = job_may_retry(
+        cancel_requested=bool(job.cancel_requested), deadline_at=job.deadline_at, now=now
+    )
     finalised = _finalise(ctx, job, retry_allowed=may_retry)
-    made = requests = 0
+    made = retried = 0
     if may_retry:
         with ctx.store.read() as conn:
-            pending = _pending_by_batch(conn, job_id)
+            pending = requests.pending_by_batch(conn, job_id)
         for group in _groups(pending, job.max_batch_requests):
             with ctx.store.read() as conn:
-                rows = _pending_rows(conn, job_id, group)
+                rows = requests.pending_in_batches(conn, job_id, group)
             if not rows:
                 continue
             shards = _write_retry_shards(ctx, job, rows)
             try:
                 with ctx.store.write() as conn:
-                    made += _record_retry_batches(ctx, conn, job, shards, now)
+                    made += _record_retry_batches(conn, job, shards, now)
             except BaseException:
                 for shard in shards:
                     Path(shard["path"]).unlink(missing_ok=True)
                 raise
-            requests += len(rows)
+            retried += len(rows)
     if not made:
         with ctx.store.write() as conn:
             settle_job(ctx.store, conn, job_id, now=now)
     if made or finalised:
         log.info(
-            "retrying requests", job_id=job_id, requests=requests, batches=made,
+            "retrying requests", job_id=job_id, requests=retried, batches=made,
             final_failures=finalised,
         )  # fmt: skip
     return int(bool(made or finalised))
@@ -122,19 +93,10 @@ def _groups(pending: list[tuple[str, int]], limit: int) -> list[list[str]]:
 def _finalise(ctx: DutyContext, job: Row, *, retry_allowed: bool) -> int:
     """Pending requests of collected batches that may not be retried (attempts used up, or no
     retry allowed at all): their last recorded error becomes their final outcome."""
-    r, b = requests_table, batches_table
-    collected = select(b.c.number).where(b.c.job_id == job.id, b.c.collected_at.is_not(None))
-    condition = [
-        r.c.job_number == job.number,
-        r.c.outcome.is_(None),
-        r.c.batch_number.in_(collected),
-    ]
-    if retry_allowed:
-        condition.append(r.c.attempt >= job.max_attempts)
     with ctx.store.write() as conn:
-        failed = conn.execute(update(r).where(*condition).values(outcome="failed")).rowcount or 0
-        ctx.store.add_job_counts(conn, job.id, 0, failed)
-    return failed
+        return requests.fail_exhausted(
+            conn, job.id, job.number, max_attempts=job.max_attempts if retry_allowed else None
+        )
 
 
 def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dict[str, Any]]:
@@ -165,12 +127,12 @@ def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dic
                     if not line.strip():
                         continue
                     custom_id = orjson.loads(line).get("custom_id")
-                    row = wanted.get(custom_id)
-                    if row is None:
+                    request = wanted.get(custom_id)
+                    if request is None:
                         continue
                     if not line.endswith(b"\n"):
                         line += b"\n"
-                    shard = open_by_model.get(row.model)
+                    shard = open_by_model.get(request.model)
                     if (
                         shard is None
                         or len(shard["requests"]) >= job.max_batch_requests
@@ -178,12 +140,12 @@ def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dic
                     ):
                         if shard is not None:
                             shard["file"].close()
-                        shard = start(row.model, row.attempt + 1)
+                        shard = start(request.model, request.attempt + 1)
                     shard["file"].write(line)
                     shard["bytes"] += len(line)
                     shard["tokens"] += len(line) // 4
-                    shard["attempt"] = max(shard["attempt"], row.attempt + 1)
-                    shard["requests"].append(row)
+                    shard["attempt"] = max(shard["attempt"], request.attempt + 1)
+                    shard["requests"].append(request)
     except BaseException:
         for shard in shards:
             shard["file"].close()
@@ -198,52 +160,26 @@ def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dic
 
 
 def _record_retry_batches(
-    ctx: DutyContext, conn: Connection, job: Row, shards: list[dict[str, Any]], now: float
+    conn: Connection, job: Row, shards: list[dict[str, Any]], now: float
 ) -> int:
-    r = requests_table
-    made = 0
-    index_base = conn.execute(
-        select(batches_table.c.shard_index)
-        .where(batches_table.c.job_id == job.id)
-        .order_by(batches_table.c.shard_index.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-    next_index = (index_base or 0) + 1
+    next_index = batches.last_shard_index(conn, job.id) + 1
     for shard in shards:
-        requests = shard["requests"]
-        number = ctx.store.next_batch_number(conn, job.id)
-        moved = conn.execute(
-            update(r)
-            .where(
-                and_(
-                    r.c.job_number == job.number,
-                    r.c.position == bindparam("pos"),
-                    r.c.batch_number == bindparam("old_batch"),
-                    r.c.outcome.is_(None),
-                )
-            )
-            .values(batch_number=number, attempt=r.c.attempt + 1),
-            [{"pos": q.position, "old_batch": q.batch_number} for q in requests],
-        ).rowcount
-        if moved != len(requests):
+        moving = shard["requests"]
+        number = batches.next_batch_number(conn, job.id)
+        moved = requests.move_to_retry_batch(
+            conn, job.number, [(q.position, q.batch_number) for q in moving], number
+        )
+        if moved != len(moving):
             # Another daemon retried these first: undo by failing the transaction.
-            raise RuntimeError(f"retry race on job {job.id}: {moved} of {len(requests)} moved")
-        conn.execute(
-            batches_table.insert().values(
-                id=shard["id"], job_id=job.id, number=number, status="queued",
-                shard_index=next_index,
-                attempt=shard["attempt"], model=shard["model"], input_path=str(shard["path"]),
-                request_count=len(requests), bytes=shard["bytes"],
-                estimated_tokens=shard["tokens"], created_at=now, updated_at=now,
-            )
-        )  # fmt: skip
-        ctx.store.add_event(
-            conn, "batch.queued", job_id=job.id, batch_id=shard["id"], to_status="queued",
-            data={"attempt": shard["attempt"], "shard_index": next_index, "model": shard["model"],
-                  "retry_of": sorted({q.batch_id for q in requests}),
-                  "request_counts": {"total": len(requests), "completed": 0, "failed": 0}},
-            now=now,
-        )  # fmt: skip
+            raise RuntimeError(f"retry race on job {job.id}: {moved} of {len(moving)} moved")
+        new = {
+            "id": shard["id"], "job_id": job.id, "number": number, "shard_index": next_index,
+            "attempt": shard["attempt"], "model": shard["model"], "input_path": str(shard["path"]),
+            "request_count": len(moving), "bytes": shard["bytes"],
+            "estimated_tokens": shard["tokens"],
+        }  # fmt: skip
+        batches.insert_queued_batches(
+            conn, [new], now=now, data=[{"retry_of": sorted({q.batch_id for q in moving})}]
+        )
         next_index += 1
-        made += 1
-    return made
+    return len(shards)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Row
-
+from jobqueue.core.backoff import backoff
+from jobqueue.core.states import BatchStatus
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import adopt_remote
 from jobqueue.duties.owners import dead_local_owners
-from jobqueue.hooks.sinks import backoff
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import (
     NotFoundError,
@@ -24,7 +23,8 @@ from jobqueue.remote.base import (
     RemoteError,
     TransientRemoteError,
 )
-from jobqueue.store.lifecycle import fail_pending_requests, settle_job
+from jobqueue.store import Row, batches, jobs
+from jobqueue.store.lifecycle import settle_job
 
 log = get_logger("jobqueue.submit")
 
@@ -60,18 +60,8 @@ def claim_batches(ctx: DutyContext) -> list[Row]:
                 if in_flight and in_flight + row.estimated_tokens > limit:
                     continue
                 open_tokens[row.model] = in_flight + row.estimated_tokens
-            taken = store.transition_batch(
-                conn,
-                row.id,
-                "queued",
-                "submitting",
-                values={
-                    "lease_owner": ctx.owner,
-                    "lease_until": now + ctx.settings.lease_seconds,
-                    "submit_attempts": row.submit_attempts + 1,
-                    "not_before": None,
-                },
-                now=now,
+            taken = batches.claim_queued(
+                store, conn, row, owner=ctx.owner, now=now, lease_seconds=ctx.settings.lease_seconds
             )
             if taken is not None:
                 claimed.append(taken)
@@ -89,7 +79,7 @@ def recover_submitting(ctx: DutyContext) -> int:
         with store.write() as conn:
             if not store.take_lease(
                 conn, row.id, ctx.owner, now=now, seconds=ctx.settings.lease_seconds,
-                status="submitting", free_owners=dead,
+                status=BatchStatus.SUBMITTING, free_owners=dead,
             ):  # fmt: skip
                 continue
         try:
@@ -113,7 +103,7 @@ def recover_submitting(ctx: DutyContext) -> int:
 def submit_batch(ctx: DutyContext, row: Row) -> int:
     store, provider, settings = ctx.store, ctx.provider, ctx.settings
     with store.read() as conn:
-        job = store.get_job(conn, row.job_id)
+        job = jobs.job_of_batch(store, conn, row)
     bound = log.bind(job_id=row.job_id, batch_id=row.id)
     metadata = {
         **{str(k): str(v) for k, v in (job.user_metadata or {}).items()},
@@ -130,7 +120,7 @@ def submit_batch(ctx: DutyContext, row: Row) -> int:
             )
             input_file_id = uploaded.id
             with store.write() as conn:
-                store.update_batch(conn, row.id, input_file_id=input_file_id)
+                batches.set_input_file(conn, row.id, input_file_id)
         remote = provider.create_batch(
             input_file_id=input_file_id,
             endpoint=job.endpoint,
@@ -148,7 +138,7 @@ def submit_batch(ctx: DutyContext, row: Row) -> int:
         # The uploaded input file is gone (expired or deleted): upload it again next time.
         bound.warning("input file missing remotely, uploading again", error=str(exc))
         with store.write() as conn:
-            store.update_batch(conn, row.id, input_file_id=None)
+            batches.set_input_file(conn, row.id, None)
         _requeue(ctx, row, str(exc), 0.0)
         return 1
     except PermanentRemoteError as exc:
@@ -184,48 +174,19 @@ def _after_ambiguous_create(ctx: DutyContext, row: Row, exc: RemoteError) -> int
     # Not visible (yet): keep the batch in `submitting` with a short lease; recovery looks again
     # once it runs out, and only then requeues.
     with ctx.store.write() as conn:
-        ctx.store.update_batch(
-            conn, row.id, lease_until=ctx.clock() + 30.0, last_error=f"create uncertain: {exc}"
-        )
+        batches.mark_create_uncertain(conn, row.id, error=str(exc), lease_until=ctx.clock() + 30.0)
     return 1
 
 
 def _requeue(ctx: DutyContext, row: Row, error: str, delay: float) -> None:
     now = ctx.clock()
     with ctx.store.write() as conn:
-        ctx.store.transition_batch(
-            conn,
-            row.id,
-            "submitting",
-            "queued",
-            values={
-                "lease_owner": None,
-                "lease_until": None,
-                "not_before": now + delay if delay else None,
-                "last_error": error[:4000],
-            },
-            data={"reason": error[:500], "retry_in_seconds": round(delay, 1)},
-            now=now,
-        )
+        batches.requeue_submitting(ctx.store, conn, row.id, error=error, delay=delay, now=now)
 
 
 def _fail(ctx: DutyContext, row: Row, exc: Exception) -> None:
     now = ctx.clock()
     code = getattr(exc, "code", None) or "submission_refused"
     with ctx.store.write() as conn:
-        failed = ctx.store.transition_batch(
-            conn,
-            row.id,
-            "submitting",
-            "failed",
-            values={
-                "lease_owner": None,
-                "lease_until": None,
-                "last_error": f"{code}: {exc}"[:4000],
-                "collected_at": now,
-            },
-            now=now,
-        )
-        if failed is not None:
-            fail_pending_requests(conn, row.job_id, row.id, code)
+        if batches.fail_submission(ctx.store, conn, row, code=code, error=str(exc), now=now):
             settle_job(ctx.store, conn, row.job_id, now=now)

@@ -12,7 +12,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -29,6 +29,9 @@ from jobqueue.emulator.engine import FILE_PURPOSES, Emulator, check_expires_afte
 from jobqueue.emulator.errors import ApiError, invalid_value, missing_param, rate_limited
 from jobqueue.emulator.errors import server_error as server_error_answer
 from jobqueue.emulator.faults import drop_connection
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 PREFIXES = ("/openai/v1", "/v1")  # Azure's path, then OpenAI's
 DOWNLOAD_CHUNK = 1 << 20
@@ -140,7 +143,8 @@ def check_auth(scope: Scope, api_key: str | None) -> Response | None:
 
 
 def _emulator(request: Request) -> Emulator:
-    return request.app.state.emulator  # type: ignore[no-any-return]
+    emulator: Emulator = request.app.state.emulator
+    return emulator
 
 
 async def _json(request: Request) -> Any:
@@ -177,7 +181,7 @@ class _Upload:
         self._value = bytearray()
         self._is_file = False
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),

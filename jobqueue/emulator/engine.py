@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,7 +437,11 @@ class Emulator:
             embedding_dimensions=self.config.embedding_dimensions,
         )
         b.output_work = self._pool.submit(generate, plan)
-        b.output_work.add_done_callback(lambda _f, ident=b.id: self._work_done(ident))
+        b.output_work.add_done_callback(self._when_done(b.id))
+
+    def _when_done(self, ident: str) -> Callable[[Future[Any]], None]:
+        """A done-callback for batch `ident`'s background work."""
+        return lambda _future: self._work_done(ident)
 
     def _work_done(self, ident: str) -> None:
         with self._lock:
@@ -732,7 +737,7 @@ class Emulator:
                     max_requests=cfg.max_requests,
                     max_bytes=cfg.max_bytes,
                 )
-                b.validation_work.add_done_callback(lambda _f, ident=b.id: self._work_done(ident))
+                b.validation_work.add_done_callback(self._when_done(b.id))
             self._batches[b.id] = b
             self._batch_pos[b.id] = len(self._batch_order)
             self._batch_order.append(b.id)

@@ -23,19 +23,13 @@ from typing import IO, Any
 import msgspec
 import orjson
 
-# Outcomes worth another attempt: the request never ran, or the remote failed it transiently.
-RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "missing_result"})
+from jobqueue.core.lifecycle import is_retryable
+
 NEVER_RAN_MESSAGES = {
     "batch_expired": "This request could not be executed before the completion window expired.",
     "batch_cancelled": "This request was not executed because the batch was cancelled.",
     "missing_result": "The remote reported no result for this request.",
 }
-
-
-def is_retryable(status_code: int | None, error_code: str | None) -> bool:
-    if error_code in RETRYABLE_CODES:
-        return True
-    return status_code is not None and (status_code >= 500 or status_code in (408, 429))
 
 
 @dataclass(slots=True)

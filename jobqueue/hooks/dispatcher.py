@@ -35,9 +35,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from jobqueue.core.backoff import backoff
 from jobqueue.core.records import Event
 from jobqueue.hooks.patterns import matches
-from jobqueue.hooks.sinks import DeliveryError, Sink, backoff, event_body
+from jobqueue.hooks.sinks import DeliveryError, Sink, event_body
 from jobqueue.logs import get_logger
 from jobqueue.store import Store, outbox
 from jobqueue.store.outbox import DEAD, DELIVERED, PENDING, Claimed, Delivery
@@ -58,7 +59,7 @@ class Dispatcher:
     deliver, `sink_concurrency` the lanes one sink may use at once (default: all workers with a
     single sink, else half of them; a sink's own `concurrency` attribute wins). A sink attribute
     `replay = True` (or `replay=True` here) makes a new sink start from the first stored event.
-    `backoff_base`/`backoff_cap` shape the retry delays (`jobqueue.hooks.sinks.backoff`).
+    `backoff_base`/`backoff_cap` shape the retry delays (`jobqueue.core.backoff.backoff`).
     `clock` is the wall clock for every stored time; tests inject their own. A lane records
     its outcomes in one transaction per `flush_interval` seconds of delivering (not one per
     attempt), so recording costs few commits when a sink is fast; `run_forever` starts rounds

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import email.utils
 import os
-import random
 import signal
 import subprocess
 import time
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import httpx
 import orjson
 
+from jobqueue.core.backoff import backoff
 from jobqueue.hooks.patterns import matches
 from jobqueue.hooks.signing import secret_key, sign
 
@@ -93,22 +93,6 @@ def close_sinks(sinks: Iterable[Sink]) -> None:
 def event_body(event: Mapping[str, Any]) -> bytes:
     """Canonical JSON for an event: sorted keys, compact, UTF-8 (so signatures are stable)."""
     return orjson.dumps(event, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-
-
-class _Random(Protocol):
-    def random(self) -> float: ...
-
-
-def backoff(attempt: int, *, base: float = 1.0, cap: float = 300.0, rng: _Random = random) -> float:
-    """Seconds to wait after failed attempt number `attempt` (1-based) before the next one.
-
-    Exponential with full jitter: uniform in [0, min(cap, base * 2**(attempt - 1))). Full jitter
-    spreads the retries of many deliveries that failed together (a receiver outage) instead of
-    having them return in lock-step. `rng` is injectable for deterministic tests.
-    """
-    exponent = min(max(attempt, 1) - 1, 60)  # 2.0**60 * base is past any cap; avoids overflow
-    ceiling = min(cap, base * 2.0**exponent)
-    return max(0.0, ceiling) * rng.random()
 
 
 def _normalise_patterns(patterns: str | Iterable[str]) -> list[str]:

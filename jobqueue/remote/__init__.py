@@ -49,7 +49,7 @@ def make_provider(settings: Any, **kwargs: Any) -> Provider:
     `max_retries`). `kwargs` go to the constructor (tests pass `transport`, `sleep`)."""
     kind = getattr(settings, "provider", "openai") or "openai"
     base_url = str(settings.base_url)
-    secret = getattr(settings, "api_key", None)
+    secret: Any = getattr(settings, "api_key", None)
     key = secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret
     key = key or None
     if key is None and _needs_key(kind, base_url):

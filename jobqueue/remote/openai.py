@@ -24,7 +24,7 @@ import email.utils
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from datetime import UTC
 from pathlib import Path
 from types import TracebackType
@@ -78,7 +78,7 @@ class _KeyAuth(httpx.Auth):
         self._prefix = prefix
         self._key = key
 
-    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers[self._header] = f"{self._prefix}{self._key}"
         yield request
 

@@ -29,40 +29,27 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
-from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import ScalarSelect
 
-from jobqueue.core.ids import new_id
 from jobqueue.core.states import (
     BATCH_MACHINE,
     BATCH_REMOTE_OPEN,
     BATCH_TERMINAL,
     BATCH_TIME_COLUMN,
     JOB_MACHINE,
+    BatchStatus,
     IllegalTransition,
+    JobStatus,
 )
+from jobqueue.files.sharing import create_with_umask
 from jobqueue.logs import get_logger
+from jobqueue.store import events
+from jobqueue.store.batches import insert_queued_batches
+from jobqueue.store.batches import next_batch_number as _next_batch_number
 from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
 
 log = get_logger("jobqueue.store")
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
-
-
-def job_number_of(job_id: str) -> ScalarSelect[Any]:
-    """The request index names a job by its number: this is the number of `job_id`."""
-    return select(jobs_table.c.number).where(jobs_table.c.id == job_id).scalar_subquery()
-
-
-def batch_number_of(batch_id: str) -> ScalarSelect[Any]:
-    """The request index names a batch by its number within its job."""
-    return select(batches_table.c.number).where(batches_table.c.id == batch_id).scalar_subquery()
-
-
-def requests_of_batch(job_id: str, batch_id: str) -> list[ColumnElement[bool]]:
-    """WHERE clauses for the request index rows a batch holds now."""
-    r = requests_table
-    return [r.c.job_number == job_number_of(job_id), r.c.batch_number == batch_number_of(batch_id)]
 
 
 class StoreError(Exception):
@@ -103,7 +90,9 @@ class Store:
             database = parsed.database or ""
             if database in ("", ":memory:"):
                 raise StoreError("an in-memory SQLite database cannot be shared; give a file path")
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            path = Path(database).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            create_with_umask(path)  # not SQLite's fixed 0644: see files.sharing
             self.engine = create_engine(
                 url,
                 echo=echo,
@@ -175,20 +164,16 @@ class Store:
         data: Mapping[str, Any] | None = None,
         now: float | None = None,
     ) -> str:
-        event_id = new_id("evt")
-        conn.execute(
-            insert(events_table).values(
-                id=event_id,
-                type=type_,
-                created_at=now if now is not None else time.time(),
-                job_id=job_id,
-                batch_id=batch_id,
-                from_status=from_status,
-                to_status=to_status,
-                data=dict(data or {}),
-            )
+        return events.add_event(
+            conn,
+            type_,
+            job_id=job_id,
+            batch_id=batch_id,
+            from_status=from_status,
+            to_status=to_status,
+            data=data,
+            now=now,
         )
-        return event_id
 
     # -- compare-and-set transitions --------------------------------------------------------
 
@@ -281,35 +266,19 @@ class Store:
         """Insert a job and its queued batches, with `job.queued` and `batch.queued` events."""
         conn.execute(insert(jobs_table).values(**job))
         batch_rows = list(batches)
-        if batch_rows:
-            conn.execute(insert(batches_table), batch_rows)
         now = job["created_at"]
         self.add_event(
             conn,
             "job.queued",
             job_id=job["id"],
-            to_status="queued",
+            to_status=JobStatus.QUEUED,
             data={
                 "request_counts": _counts(job["request_count"], 0, 0),
                 "batches": len(batch_rows),
             },
             now=now,
         )
-        for batch in batch_rows:
-            self.add_event(
-                conn,
-                "batch.queued",
-                job_id=job["id"],
-                batch_id=batch["id"],
-                to_status="queued",
-                data={
-                    "attempt": batch.get("attempt", 1),
-                    "shard_index": batch["shard_index"],
-                    "model": batch.get("model"),
-                    "request_counts": _counts(batch["request_count"], 0, 0),
-                },
-                now=now,
-            )
+        insert_queued_batches(conn, batch_rows, now=now)
 
     def next_job_number(self, conn: Connection) -> int:
         """A number for a new job, unique for good. PostgreSQL draws it from a sequence (so
@@ -324,10 +293,7 @@ class Store:
     def next_batch_number(self, conn: Connection, job_id: str) -> int:
         """A number for a new batch of the job. The job's row is locked first on PostgreSQL, so
         two daemons adding batches to one job take turns (SQLite writers always do)."""
-        j, b = jobs_table, batches_table
-        conn.execute(select(j.c.id).where(j.c.id == job_id).with_for_update())
-        latest = conn.execute(select(func.max(b.c.number)).where(b.c.job_id == job_id)).scalar_one()
-        return int(latest or 0) + 1
+        return _next_batch_number(conn, job_id)
 
     def insert_requests_json(
         self,
@@ -488,7 +454,7 @@ class Store:
                 select(b)
                 .join(j, j.c.id == b.c.job_id)
                 .where(
-                    b.c.status == "queued",
+                    b.c.status == BatchStatus.QUEUED,
                     or_(b.c.not_before.is_(None), b.c.not_before <= now),
                     j.c.cancel_requested.is_(False),
                 )
@@ -502,7 +468,7 @@ class Store:
         b = batches_table
         rows = conn.execute(
             select(b.c.model, func.sum(b.c.estimated_tokens))
-            .where(b.c.status.in_(["submitting", *BATCH_REMOTE_OPEN]))
+            .where(b.c.status.in_([BatchStatus.SUBMITTING, *BATCH_REMOTE_OPEN]))
             .group_by(b.c.model)
         ).all()
         return {model: int(total or 0) for model, total in rows}
@@ -514,7 +480,7 @@ class Store:
         return list(
             conn.execute(
                 select(b).where(
-                    b.c.status == "submitting",
+                    b.c.status == BatchStatus.SUBMITTING,
                     or_(
                         b.c.lease_until.is_(None),
                         b.c.lease_until < now,
@@ -541,7 +507,7 @@ class Store:
             conn.execute(
                 select(b).where(
                     b.c.cancel_requested.is_(True),
-                    b.c.status.in_(["validating", "in_progress"]),
+                    b.c.status.in_([BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS]),
                     b.c.remote_id.is_not(None),
                 )
             ).all()
@@ -575,7 +541,7 @@ class Store:
                 .where(
                     r.c.outcome.is_(None),
                     b.c.collected_at.is_not(None),
-                    j.c.status.in_(["queued", "running"]),
+                    j.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
                 )
                 .distinct()
             )

@@ -83,7 +83,9 @@ def migration_connection(store: Store) -> Iterator[Connection]:
             yield conn
         return
     with store.writer_connection() as conn:
-        conn.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
+        sqlite = conn.connection.driver_connection
+        assert sqlite is not None  # a checked-out connection has its DB-API connection
+        sqlite.execute("PRAGMA foreign_keys = OFF")
         with conn.begin():
             yield conn
             broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

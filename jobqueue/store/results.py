@@ -16,7 +16,8 @@ from typing import IO, Any
 
 from sqlalchemy import Connection
 
-from jobqueue.files.results import RETRYABLE_CODES, outcome_rows, read_runs, run_lines, write_runs
+from jobqueue.core.lifecycle import RETRYABLE_CODES
+from jobqueue.files.results import outcome_rows, read_runs, run_lines, write_runs
 from jobqueue.store import Store
 from jobqueue.store.outcomes import (
     batch_positions,

@@ -105,6 +105,10 @@ class BatchRow(SQLModel, table=True):
     # Not to be submitted before this time (token-limit backoff, transient submit errors).
     not_before: float | None = None
     submit_attempts: int = 0
+    # Times the remote refused this shard for the enqueued-token limit: its backoff grows on it.
+    token_limit_refusals: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0")
+    )
     cancel_requested: bool = False
     created_at: float
     updated_at: float
