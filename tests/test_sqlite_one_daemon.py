@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jobqueue.api import JobQueue
+from jobqueue.api import DaemonAlreadyRunning, JobQueue
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
-from jobqueue.service.daemon import DaemonAlreadyRunning
 from jobqueue.testing import InMemoryRemote
 from tests.daemon_helpers import API_KEY
 from tests.factories import chat_file
@@ -31,7 +30,7 @@ def test_a_second_daemon_in_one_process_is_refused(sqlite_url: str, tmp_path: Pa
             two.start(provider=InMemoryRemote())
         assert two.daemon is None
         with pytest.raises(DaemonAlreadyRunning):
-            _once(two)
+            two.run_once(provider=InMemoryRemote())
         # The other side of the CLI keeps working meanwhile.
         job = two.submit(chat_file(tmp_path / "in.jsonl", 3), ENDPOINT)
         assert two.get(job.id).status in ("queued", "running")
@@ -41,16 +40,6 @@ def test_a_second_daemon_in_one_process_is_refused(sqlite_url: str, tmp_path: Pa
     finally:
         one.close()
         two.close()
-
-
-def _once(queue: JobQueue) -> None:
-    from jobqueue.service.daemon import Daemon
-
-    daemon = Daemon(queue.settings, queue.store, InMemoryRemote())
-    try:
-        daemon.run_once()
-    finally:
-        daemon.stop()
 
 
 def _env(db_url: str, data_dir: Path, base_url: str, **extra: str) -> dict[str, str]:

@@ -27,8 +27,6 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_COMPLETED = 0
 EXIT_NOT_COMPLETED = 1
 EXIT_TIMEOUT = 3
-# `run` on a SQLite database that another daemon already runs on.
-EXIT_ALREADY_RUNNING = 2
 
 
 def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
@@ -55,23 +53,8 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         a second daemon (or `--once` while one runs) is refused with exit 2.
         """
         queue: JobQueue = queue_of(ctx)
-        from jobqueue.service.daemon import DaemonAlreadyRunning
-
-        try:
-            _run(queue, once=once, listen=listen)
-        except DaemonAlreadyRunning as exc:
-            stderr.print(f"error: {exc}", markup=False)
-            raise typer.Exit(EXIT_ALREADY_RUNNING) from None
-
-    def _run(queue: JobQueue, *, once: bool, listen: str | None) -> None:
-        from jobqueue.service.daemon import Daemon
-
-        daemon = Daemon(queue.settings, queue.store)
         if once:
-            try:
-                moved = daemon.run_once()
-            finally:
-                daemon.stop()
+            moved = queue.run_once()
             stderr.print(f"nothing more to do now ({moved} steps taken)")
             return
         stop = threading.Event()
@@ -82,17 +65,7 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        server = None
-        address = listen or queue.settings.listen
-        if address:
-            from jobqueue.service.server import serve_in_background
-
-            server = serve_in_background(daemon, address)
-        try:
-            daemon.run_forever(stop)
-        finally:
-            if server is not None:
-                server.stop()
+        queue.run(stop, listen=listen or queue.settings.listen)
 
     @app.command()
     def wait(
