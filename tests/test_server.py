@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -13,18 +15,36 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
 from jobqueue.hooks.signing import generate_secret, signed_headers
+from jobqueue.remote import make_provider
 from jobqueue.service.daemon import Daemon
 from jobqueue.service.server import parse_address, serve_in_background
-from tests.daemon_helpers import API_KEY, make_queue
+from tests.daemon_helpers import API_KEY, make_queue, wait_until
 from tests.factories import chat_file
 
 SECRET = generate_secret()
 
 
-@pytest.fixture
-def listening(db_url: str, tmp_path: Path) -> Iterator[tuple]:
-    """A daemon polling only hourly, whose server receives the emulator's signed webhooks. The
-    test starts the daemon (`daemon.start()`) once it has set up what must come first."""
+class AnswerAfterTheWebhook:
+    """The remote client, but a create's answer comes back only once the daemon's server has
+    received (and kept) the webhook saying that the new batch ended: the race of a webhook that
+    arrives before the submitting daemon has committed the remote id, every time."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.daemon: Daemon | None = None
+
+    def create_batch(self, **kwargs: Any) -> Any:
+        created = self.inner.create_batch(**kwargs)
+        assert self.daemon is not None
+        wait_until(lambda: self.daemon.stats.get("webhooks_deferred", 0) >= 1, timeout=20)
+        return created
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextmanager
+def _listening(db_url: str, tmp_path: Path, *, late_answer: bool = False) -> Iterator[tuple]:
     import socket
 
     with socket.socket() as s:  # a free port for our server, known before the emulator starts
@@ -37,7 +57,10 @@ def listening(db_url: str, tmp_path: Path) -> Iterator[tuple]:
     with serve_in_thread(config) as em:
         jq = make_queue(db_url, tmp_path / "data", em.base_url, poll_interval=3600,
                         webhook_secret=SECRET)  # fmt: skip
-        daemon = Daemon(jq.settings, jq.store)
+        provider = AnswerAfterTheWebhook(make_provider(jq.settings)) if late_answer else None
+        daemon = Daemon(jq.settings, jq.store, provider)  # type: ignore[arg-type]
+        if provider is not None:
+            provider.daemon = daemon
         server = serve_in_background(daemon, f"127.0.0.1:{port}")
         try:
             yield jq, daemon, server, em
@@ -45,6 +68,23 @@ def listening(db_url: str, tmp_path: Path) -> Iterator[tuple]:
             daemon.stop()
             server.stop()
             jq.close()
+            if provider is not None:
+                provider.inner.close()
+
+
+@pytest.fixture
+def listening(db_url: str, tmp_path: Path) -> Iterator[tuple]:
+    """A daemon polling only hourly, whose server receives the emulator's signed webhooks. The
+    test starts the daemon (`daemon.start()`) once it has set up what must come first."""
+    with _listening(db_url, tmp_path) as parts:
+        yield parts
+
+
+@pytest.fixture
+def listening_late(db_url: str, tmp_path: Path) -> Iterator[tuple]:
+    """The same, with the remote client wrapped in `AnswerAfterTheWebhook`."""
+    with _listening(db_url, tmp_path, late_answer=True) as parts:
+        yield parts
 
 
 def test_openai_webhook_moves_a_batch_at_once(listening, tmp_path: Path) -> None:
@@ -64,6 +104,22 @@ def test_openai_webhook_moves_a_batch_at_once(listening, tmp_path: Path) -> None
     assert em.emulator.stats()["webhooks"]["sent"] >= 1
 
 
+def test_a_webhook_that_comes_before_its_batch_is_known_is_kept(
+    listening_late, tmp_path: Path
+) -> None:
+    """The remote finishes the batch and says so before the daemon has recorded its remote id:
+    the webhook is kept, not lost, and reconciled as soon as the batch is adopted."""
+    jq, daemon, _server, em = listening_late
+    job = jq.submit(chat_file(tmp_path / "in.jsonl", 20), "/v1/chat/completions")
+    daemon.start()
+    job = jq.wait(job.id, timeout=20)
+    assert job.status == "completed"
+    assert daemon.stats["webhooks_deferred"] == 1
+    assert daemon.stats["webhook_reconciles"] >= 1
+    assert em.emulator.stats()["webhooks"]["sent"] >= 1
+    assert not daemon.ctx.memo["webhooks"].since  # nothing left waiting
+
+
 def _post(url: str, body: bytes, secret: str = SECRET, **kw) -> httpx.Response:
     headers = signed_headers(secret, "wh_test_1", body, **kw)
     return httpx.post(f"{url}/webhooks/openai", content=body, headers=headers, timeout=10)
@@ -75,7 +131,8 @@ def test_webhook_signatures_are_checked(listening) -> None:
         {"id": "evt_1", "object": "event", "type": "batch.completed", "created_at": 1,
          "data": {"id": "batch_unknown"}}
     )  # fmt: skip
-    assert _post(server.url, body).json() == {"batch": "batch_unknown", "outcome": "unknown"}
+    # Not known (yet): kept a while in case its submission commits shortly.
+    assert _post(server.url, body).json() == {"batch": "batch_unknown", "outcome": "pending"}
     assert _post(server.url, body, secret=generate_secret()).status_code == 401
     assert _post(server.url, body, timestamp=int(time.time()) - 310).status_code == 401
     assert _post(server.url, body, timestamp=int(time.time()) + 310).status_code == 401

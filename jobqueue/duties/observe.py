@@ -100,6 +100,7 @@ def adopt_remote(
         if remote.status != B.VALIDATING:
             apply_observation(ctx, conn, adopted, remote)
     ctx.wake("reconcile")
+    ctx.wake("webhooks")  # a webhook for it may have come before it was known
 
 
 def observe(ctx: DutyContext, batch_id: str, remote: RemoteBatch) -> bool:

@@ -30,6 +30,7 @@ from jobqueue.duties.expire import expire_once
 from jobqueue.duties.reconcile import reconcile_once
 from jobqueue.duties.retry import retry_once
 from jobqueue.duties.submit import submit_once
+from jobqueue.duties.webhook import retry_pending_webhooks
 from jobqueue.hooks.dispatcher import Dispatcher
 from jobqueue.hooks.sinks import Sink, build_sinks, close_sinks
 from jobqueue.logs import get_logger
@@ -110,6 +111,7 @@ class Daemon:
                 Duty("collect", collect_once, min(poll, 5.0), True),
                 Duty("retry", retry_once, min(poll, 5.0), True),
                 Duty("expire", expire_once, min(poll, 30.0), False),
+                Duty("webhooks", retry_pending_webhooks, 1.0, False),
                 *(extra_duties or []),
             ]
         }
