@@ -42,7 +42,7 @@ _CLOCK_SLACK = 600.0
 _UNDECIDED = frozenset({BatchStatus.QUEUED, BatchStatus.SUBMITTING})
 _CANCELLABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS})
 _ENDED = frozenset(s.value for s in BATCH_TERMINAL)
-_DONE_KEPT = 10_000
+_DONE_KEPT = 100_000
 
 
 @dataclass
@@ -53,7 +53,8 @@ class SweepState:
     last_walk_from: float | None = None
     # Orphans found and not finished with: remote id -> local batch id.
     pending: dict[str, str] = field(default_factory=dict)
-    # Orphans finished with (cancelled or ended, files deleted): never looked at again.
+    # Remote batches never to look at again: orphans finished with (ended, files deleted),
+    # adopted ones and other installations' (the newest `_DONE_KEPT`).
     done: dict[str, None] = field(default_factory=dict)
 
 
@@ -127,6 +128,8 @@ def sweep(ctx: DutyContext, seen: Iterable[RemoteBatch], adopted: set[str]) -> i
         for remote in candidates.values():
             row = local.get(remote.metadata[METADATA_KEY])
             if not is_orphan(remote, row, jobs):
+                if _settled_for_good(remote, row, jobs):
+                    _remember(sweep_state, remote.id)  # adopted, or not ours: for good
                 continue
             found += 1
             ctx.count("orphan_batches")
@@ -157,6 +160,14 @@ def is_orphan(remote: RemoteBatch, row: Row[Any] | None, jobs: set[str]) -> bool
     if row.remote_id is not None:
         return bool(row.remote_id != remote.id)
     return row.status not in _UNDECIDED
+
+
+def _settled_for_good(remote: RemoteBatch, row: Row[Any] | None, jobs: set[str]) -> bool:
+    """A batch that is not an orphan now and never will be: the adopted one (a local batch
+    never adopts another), or one that names a job that is not ours."""
+    if row is None:
+        return remote.metadata.get(JOB_METADATA_KEY) not in jobs
+    return row.remote_id == remote.id or row.job_id != remote.metadata.get(JOB_METADATA_KEY)
 
 
 def _follow(ctx: DutyContext, remote_id: str) -> None:
@@ -209,6 +220,10 @@ def _settle(ctx: DutyContext, remote: RemoteBatch) -> None:
 def _finish(ctx: DutyContext, remote_id: str) -> None:
     sweep_state = state(ctx)
     sweep_state.pending.pop(remote_id, None)
+    _remember(sweep_state, remote_id)
+
+
+def _remember(sweep_state: SweepState, remote_id: str) -> None:
     sweep_state.done[remote_id] = None
     while len(sweep_state.done) > _DONE_KEPT:
         sweep_state.done.pop(next(iter(sweep_state.done)))

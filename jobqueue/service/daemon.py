@@ -247,6 +247,7 @@ class Daemon:
                 dispatcher.close()
             if standalone:
                 self.leadership.stop()
+                self._release_database()
         return total
 
     # -- several daemons --------------------------------------------------------------------
