@@ -26,7 +26,7 @@ from jobqueue.logs import get_logger
 from jobqueue.settings import Settings, load_settings
 from jobqueue.store import Store, outbox
 from jobqueue.store import StoreError as StoreError  # re-exported: the CLI catches it
-from jobqueue.store.fleet import DaemonAlreadyRunning as DaemonAlreadyRunning  # the CLI too
+from jobqueue.store.coordination import DaemonAlreadyRunning as DaemonAlreadyRunning  # the CLI too
 from jobqueue.store.intake import RequestIndexLoader, batch_number_for
 from jobqueue.store.lifecycle import request_cancel
 from jobqueue.store.metrics import retried_request_count

@@ -15,7 +15,7 @@ from jobqueue.api import JobQueue
 from jobqueue.service.daemon import LEADER_DUTIES, Daemon
 from jobqueue.service.leadership import Leadership
 from jobqueue.service.wakeups import Listener
-from jobqueue.store import Store, fleet
+from jobqueue.store import Store, coordination
 from jobqueue.testing import InMemoryRemote
 from tests.daemon_helpers import wait_until
 from tests.factories import chat_file
@@ -106,7 +106,7 @@ def test_a_leader_whose_session_ends_stops_leading(queue: JobQueue, fleet_of) ->
         daemon.start()
     assert len(_leaders(daemons)) == 1
     with queue.store.read() as conn:
-        pid = fleet.leader_pid(conn)
+        pid = coordination.leader_pid(conn)
     assert pid is not None
     admin = create_engine(queue.store.url)
     with admin.begin() as conn:
@@ -115,7 +115,7 @@ def test_a_leader_whose_session_ends_stops_leading(queue: JobQueue, fleet_of) ->
 
     def new_session_leads() -> bool:
         with queue.store.read() as conn:
-            now = fleet.leader_pid(conn)
+            now = coordination.leader_pid(conn)
         return now is not None and now != pid and len(_leaders(daemons)) == 1
 
     wait_until(new_session_leads, timeout=5)
@@ -167,7 +167,7 @@ def test_a_committed_write_wakes_the_listeners_and_a_rolled_back_one_does_not(
     try:
         assert listener.wait_listening(5)
         with pytest.raises(RuntimeError), queue.store.write() as conn:
-            fleet.wake(conn, "submit")
+            coordination.wake(conn, "submit")
             raise RuntimeError("rolled back")
         assert not got.wait(1.0)
         queue.submit(chat_file(tmp_path / "in.jsonl", 3), ENDPOINT)

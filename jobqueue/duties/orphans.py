@@ -167,7 +167,7 @@ def _settled_for_good(remote: RemoteBatch, row: Row[Any] | None, jobs: set[str])
     never adopts another), or one that names a job that is not ours."""
     if row is None:
         return remote.metadata.get(JOB_METADATA_KEY) not in jobs
-    return row.remote_id == remote.id or row.job_id != remote.metadata.get(JOB_METADATA_KEY)
+    return bool(row.remote_id == remote.id or row.job_id != remote.metadata.get(JOB_METADATA_KEY))
 
 
 def _follow(ctx: DutyContext, remote_id: str) -> None:

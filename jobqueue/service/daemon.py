@@ -7,7 +7,7 @@ runs is remembered and honoured as soon as it finishes, so no wake is ever lost.
 Several daemons share one PostgreSQL database: the elected leader (`service.leadership`) runs
 the duties in `LEADER_DUTIES` for all of them, every daemon runs the others, and each hears the
 others' wake-ups (`service.wakeups`). On SQLite the one daemon the database allows (a second is
-refused: `store.fleet.hold_sqlite_daemon_lock`) always leads.
+refused: `store.coordination.hold_sqlite_daemon_lock`) always leads.
 """
 
 from __future__ import annotations
@@ -41,8 +41,12 @@ from jobqueue.service.sdnotify import notify, watchdog_interval
 from jobqueue.service.wakeups import Listener
 from jobqueue.settings import Settings
 from jobqueue.store import Store
+from jobqueue.store.coordination import (
+    DaemonAlreadyRunning,
+    SqliteDaemonLock,
+    hold_sqlite_daemon_lock,
+)
 from jobqueue.store.daemons import ping, start_cursors_at_open_jobs
-from jobqueue.store.fleet import DaemonAlreadyRunning, SqliteDaemonLock, hold_sqlite_daemon_lock
 
 __all__ = ["LEADER_DUTIES", "Daemon", "DaemonAlreadyRunning", "Duty"]
 

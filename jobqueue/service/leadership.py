@@ -18,7 +18,13 @@ from collections.abc import Callable
 
 from jobqueue.logs import get_logger
 from jobqueue.store import Connection, Store
-from jobqueue.store.fleet import close_dedicated, give_up_lead, holds_lead, open_dedicated, try_lead
+from jobqueue.store.coordination import (
+    close_dedicated,
+    give_up_lead,
+    holds_lead,
+    open_dedicated,
+    try_lead,
+)
 
 log = get_logger("jobqueue.service.leadership")
 
@@ -37,7 +43,7 @@ class Leadership:
         self.elected = store.dialect == "postgresql"
         self.interval = interval
         self._on_change = on_change
-        # SQLite has one daemon (see store.fleet): it always leads.
+        # SQLite has one daemon (see store.coordination): it always leads.
         self._leading = not self.elected
         self._conn: Connection | None = None
         self._failing = False

@@ -1,7 +1,7 @@
 """Wake-ups from other processes on PostgreSQL: LISTEN on a connection of our own.
 
 Every write transaction that gives a duty work (a submitted job, a cancel, an ingested webhook,
-any new event) notifies the schema's channel as it commits (see `jobqueue.store.fleet`); this
+any new event) notifies the schema's channel as it commits (see `jobqueue.store.coordination`); this
 thread hears it and wakes the named duties at once. Polling stays the fallback: a lost
 connection is opened again, and then every duty is woken once, for what was said meanwhile.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from jobqueue.core.backoff import backoff
 from jobqueue.logs import get_logger
 from jobqueue.store import Connection, Store
-from jobqueue.store.fleet import close_dedicated, listen, notifications, open_dedicated
+from jobqueue.store.coordination import close_dedicated, listen, notifications, open_dedicated
 
 log = get_logger("jobqueue.service.wakeups")
 

@@ -42,7 +42,7 @@ from jobqueue.core.states import (
 )
 from jobqueue.files.sharing import create_with_umask
 from jobqueue.logs import get_logger
-from jobqueue.store import events, fleet
+from jobqueue.store import coordination, events
 from jobqueue.store.batches import insert_queued_batches
 from jobqueue.store.batches import next_batch_number as _next_batch_number
 from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
@@ -122,7 +122,7 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-        fleet.dispose(self)
+        coordination.dispose(self)
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -135,10 +135,10 @@ class Store:
         100 ms. Other processes still wait in the busy handler.
         """
         with self.writer_connection() as conn, conn.begin():
-            fleet.clear_wakes(conn)
+            coordination.clear_wakes(conn)
             yield conn
             # The notification of the duties it gave work to goes out with the commit.
-            fleet.send_wakes(conn)
+            coordination.send_wakes(conn)
 
     @contextmanager
     def writer_connection(self) -> Iterator[Connection]:

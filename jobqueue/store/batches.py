@@ -15,8 +15,8 @@ from sqlalchemy import Connection, Row, func, insert, select, update
 from jobqueue.core.ids import new_id
 from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
 from jobqueue.core.states import BATCH_REMOTE_OPEN, BatchStatus
+from jobqueue.store.coordination import wake
 from jobqueue.store.events import add_event, request_counts
-from jobqueue.store.fleet import wake
 from jobqueue.store.requests import fail_pending_requests, move_batch_requests
 from jobqueue.store.tables import batches_table, jobs_table
 

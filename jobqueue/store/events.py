@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, insert
 
 from jobqueue.core.ids import new_id
-from jobqueue.store.fleet import duties_of_event, wake
+from jobqueue.store.coordination import duties_of_event, wake
 from jobqueue.store.tables import events_table
 
 
