@@ -25,11 +25,82 @@ def _late_create(world: World, metadata: dict[str, str]) -> RemoteBatch:
     )  # fmt: skip
 
 
-def test_a_paused_holders_late_create_is_swept_and_counted_once(world: World) -> None:
-    """Daemon one is held inside its create until its lease has run out; daemon two requeues
-    the batch and submits it (adopted). Then daemon one's create goes through: a second remote
-    batch for the same local batch, which nothing adopts. Daemon two's reconcile cancels it and,
-    once it has ended, deletes its files; the job's results count each request once."""
+def _late_twin(world: World, batch_id: str) -> RemoteBatch:
+    """The create of a holder that was paused past its lease (after its last check of it, its
+    request not sent yet): it reaches the remote once another daemon has submitted the batch
+    again and adopted that remote batch. Same metadata, same uploaded input file."""
+    row = world.row(batch_id)
+    assert row.status != "submitting" and row.remote_id is not None
+    job = world.job(row.job_id)
+    return world.remote.create_batch(
+        input_file_id=row.input_file_id, endpoint=ENDPOINT, completion_window="24h",
+        metadata={METADATA_KEY: batch_id, JOB_METADATA_KEY: job.id},
+        output_expires_after=int(world.settings.output_expires_after),
+    )  # fmt: skip
+
+
+def test_a_paused_holders_late_create_is_cancelled_and_its_files_deleted(world: World) -> None:
+    job = world.submit(3)
+    (batch,) = job.batches
+    ctx = world.ctx("leader")
+    assert submit_once(ctx) == 1
+    adopted = world.row(batch.id)
+    orphan = _late_twin(world, batch.id)
+    assert len(world.remote.batches(jobqueue_batch_id=batch.id)) == 2
+
+    reconcile_once(ctx)
+    assert world.remote.batch(orphan.id).status == "cancelling"
+    assert ctx.stats["orphan_batches"] == 1
+    reconcile_once(ctx)  # followed by id, not counted again
+    assert ctx.stats["orphan_batches"] == 1
+
+    world.remote.finish_cancel(orphan.id, finished=1)  # one request ran: output and error files
+    cancelled = world.remote.batch(orphan.id)
+    assert cancelled.output_file_id and cancelled.error_file_id
+    world.remote.complete(adopted.remote_id)
+    reconcile_once(ctx)
+    collect_once(ctx)
+    files = {f.id for f in world.remote.files()}
+    assert cancelled.output_file_id not in files and cancelled.error_file_id not in files
+    assert adopted.input_file_id in files, "shared with the adopted batch: kept"
+    _assert_counted_once(world, job.id)
+    assert ctx.stats["orphan_batches"] == 1
+    assert world.row(batch.id).remote_id == adopted.remote_id
+
+
+def test_an_orphan_that_ran_to_the_end_reaches_no_result(world: World) -> None:
+    """The worst case: the orphan ran all its requests before the sweep saw it. Its files are
+    deleted, and the job counts each request once, from the adopted batch."""
+    job = world.submit(3)
+    (batch,) = job.batches
+    ctx = world.ctx("leader")
+    submit_once(ctx)
+    adopted = world.row(batch.id)
+    orphan = world.remote.complete(_late_twin(world, batch.id).id)
+    world.remote.complete(adopted.remote_id)
+    reconcile_once(ctx)
+    collect_once(ctx)
+    assert ctx.stats["orphan_batches"] == 1
+    assert world.remote.batch(orphan.id).status == "completed"  # nothing left to cancel
+    assert orphan.output_file_id not in {f.id for f in world.remote.files()}
+    _assert_counted_once(world, job.id)
+
+
+def _assert_counted_once(world: World, job_id: str) -> None:
+    done = world.job(job_id)
+    assert done.status == "completed"
+    assert done.request_counts.completed == 3 and done.request_counts.failed == 0
+    assert [b.remote_id for b in done.batches] == [world.row(done.batches[0].id).remote_id]
+    results = world.results(job_id)
+    assert [r["custom_id"] for r in results] == ["req-0", "req-1", "req-2"]
+    assert all(r["error"] is None for r in results)
+
+
+def test_a_late_create_raced_by_a_recovery_is_swept(world: World) -> None:
+    """The interleaving itself, as the remote sees it when nothing stops it: daemon one is held
+    in its create until its lease has run out, daemon two requeues and submits the batch, then
+    daemon one's create goes through, or (where the call timed out meanwhile) does not.
+    Whatever came of it, one remote batch is adopted and any other one is swept."""
     job = world.submit(3)
     (batch,) = job.batches
     one, two = world.ctx("daemon-1"), world.ctx("daemon-2", own_store=True)
@@ -41,33 +112,18 @@ def test_a_paused_holders_late_create_is_swept_and_counted_once(world: World) ->
         paused.release()
     adopted = world.row(batch.id)
     assert adopted.status == "validating"
-    remotes = world.remote.batches(jobqueue_batch_id=batch.id)
-    assert len(remotes) == 2, "the paused create went through late"
-    (orphan,) = [r for r in remotes if r.id != adopted.remote_id]
-
+    others = [
+        r.id for r in world.remote.batches(jobqueue_batch_id=batch.id) if r.id != adopted.remote_id
+    ]
     reconcile_once(two)
-    assert world.remote.batch(orphan.id).status == "cancelling"
-    assert two.stats["orphan_batches"] == 1
-    reconcile_once(two)  # followed, not counted again
-    assert two.stats["orphan_batches"] == 1
-
-    world.remote.finish_cancel(orphan.id)  # its error file: three batch_cancelled lines
-    cancelled = world.remote.batch(orphan.id)
-    assert cancelled.error_file_id is not None
+    assert two.stats.get("orphan_batches", 0) == len(others)
+    assert all(world.remote.batch(r).status == "cancelling" for r in others)
+    for remote_id in others:
+        world.remote.finish_cancel(remote_id)
     world.remote.complete(adopted.remote_id)
     reconcile_once(two)
     collect_once(two)
-    files = {f.id for f in world.remote.files()}
-    assert cancelled.error_file_id not in files
-    assert adopted.input_file_id in files, "shared with the adopted batch: kept"
-    done = world.job(job.id)
-    assert done.status == "completed"
-    assert done.request_counts.completed == 3 and done.request_counts.failed == 0
-    results = world.results(job.id)
-    assert [r["custom_id"] for r in results] == ["req-0", "req-1", "req-2"]
-    assert all(r["error"] is None for r in results)
-    assert two.stats["orphan_batches"] == 1
-    assert world.row(batch.id).remote_id == adopted.remote_id
+    _assert_counted_once(world, job.id)
 
 
 def test_which_remote_batches_are_orphans(world: World) -> None:
