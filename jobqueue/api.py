@@ -20,6 +20,7 @@ import orjson
 from jobqueue.core.durations import parse_duration
 from jobqueue.core.ids import new_id
 from jobqueue.core.records import Delivery, Event, Job
+from jobqueue.core.states import BatchStatus, JobStatus
 from jobqueue.files import inputs
 from jobqueue.files.sharing import share_with_group
 from jobqueue.logs import get_logger
@@ -156,7 +157,7 @@ class JobQueue:
                 job = {
                     "id": job_id,
                     "number": job_number,
-                    "status": "queued",
+                    "status": JobStatus.QUEUED,
                     "endpoint": endpoint,
                     "completion_window": options["completion_window"],
                     "user_metadata": options["metadata"],
@@ -176,7 +177,7 @@ class JobQueue:
                         "id": new_id("batch"),
                         "job_id": job_id,
                         "number": batch_number_for(shard),
-                        "status": "queued",
+                        "status": BatchStatus.QUEUED,
                         "shard_index": shard.index,
                         "attempt": 1,
                         "model": shard.model,
@@ -486,7 +487,7 @@ class JobQueue:
         remote = 0
         with self.store.write() as conn:
             row = self.job_row(conn, job_id)
-            if row.status in ("queued", "running"):
+            if row.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 remote = request_cancel(self.store, conn, row.id)
                 log.debug("job cancel requested", job_id=row.id, remote_batches=remote)
         if remote:

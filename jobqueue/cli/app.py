@@ -18,6 +18,7 @@ from rich.text import Text
 
 from jobqueue.api import JobQueue, JobQueueError, StoreError
 from jobqueue.core.records import Delivery, Event, Job
+from jobqueue.core.states import BATCH_TERMINAL
 from jobqueue.files.inputs import InputError
 from jobqueue.logs import configure_logging
 from jobqueue.settings import ConfigError
@@ -322,9 +323,7 @@ def cancel(
     if as_json:
         _print_json(job.to_dict())
         return
-    open_batches = sum(
-        1 for b in job.batches if b.status not in ("completed", "failed", "expired", "cancelled")
-    )
+    open_batches = sum(1 for b in job.batches if b.status not in BATCH_TERMINAL)
     if job.done:
         stdout.print(f"{job.id} {job.status}")
     else:

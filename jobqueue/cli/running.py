@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from jobqueue.api import JobQueue
 from jobqueue.core.records import Job
+from jobqueue.core.states import JobStatus
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -108,7 +109,9 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
             stderr.print(f"{job.id} {job.status}: {_summary(job)}")
         if not job.done:
             raise typer.Exit(EXIT_TIMEOUT)
-        raise typer.Exit(EXIT_COMPLETED if job.status == "completed" else EXIT_NOT_COMPLETED)
+        raise typer.Exit(
+            EXIT_COMPLETED if job.status == JobStatus.COMPLETED else EXIT_NOT_COMPLETED
+        )
 
     @app.command()
     def results(
