@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from jobqueue.api import JobQueue
+from jobqueue.api import JobQueue, JobQueueError
 from jobqueue.core.records import Job
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -53,8 +53,22 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         """
         queue: JobQueue = queue_of(ctx)
         from jobqueue.service.daemon import Daemon
+        from jobqueue.settings import ConfigError
 
-        daemon = Daemon(queue.settings, queue.store)
+        address = None if once else (listen or queue.settings.listen)
+        sock = None
+        if address:
+            from jobqueue.service.server import listen_socket
+
+            sock = listen_socket(address)  # a bad or busy address: refused before any work
+        try:
+            daemon = Daemon(queue.settings, queue.store)
+        except ValueError as exc:  # e.g. no API key, or a hook that cannot run
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(str(exc)) from None
         if once:
             moved = daemon.run_once()
             daemon.stop()
@@ -69,11 +83,15 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         server = None
-        address = listen or queue.settings.listen
-        if address:
+        if sock is not None:
             from jobqueue.service.server import serve_in_background
 
-            server = serve_in_background(daemon, address)
+            try:
+                server = serve_in_background(daemon, sock)
+            except BaseException:
+                sock.close()
+                daemon.stop()
+                raise
         try:
             daemon.run_forever(stop)
         finally:
@@ -148,8 +166,13 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
                 param_hint="JOB_ID",
             )
         if output is None:
-            written = queue.export_results(job.id, sys.stdout.buffer, errors_only=errors_only)
-            sys.stdout.flush()
+            try:
+                written = queue.export_results(job.id, sys.stdout.buffer, errors_only=errors_only)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise JobQueueError(f"cannot write the results to stdout: {exc.strerror}") from None
         else:
             part = output.with_name(output.name + ".part")
             try:
@@ -158,8 +181,12 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
                     f.flush()
                     os.fsync(f.fileno())
                 part.replace(output)
-            except BaseException:
-                part.unlink(missing_ok=True)
+            except BaseException as exc:
+                part.unlink(missing_ok=True)  # never a half-written file left behind
+                if isinstance(exc, OSError):
+                    raise JobQueueError(
+                        f"cannot write {output}: {exc.strerror or exc}; nothing was written"
+                    ) from None
                 raise
         where = output if output is not None else "stdout"
         stderr.print(f"wrote {written:,} results to {where}")
