@@ -7,6 +7,7 @@ job = jq.submit("requests.jsonl", endpoint="/v1/chat/completions")
 
 from __future__ import annotations
 
+import errno
 import shutil
 import threading
 import time
@@ -55,6 +56,20 @@ class JobNotFound(JobQueueError):
 
 class InvalidOptions(JobQueueError):
     exit_code = 2
+
+
+class StorageError(JobQueueError):
+    """The machine refused a file operation (a full disk, a read-only mount); nothing was kept."""
+
+    _WRITING = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+    @classmethod
+    def of(cls, exc: OSError, where: Path) -> StorageError:
+        reason = exc.strerror or str(exc)
+        if exc.errno in cls._WRITING:
+            return cls(f"cannot write the job's files in {where}: {reason}; nothing was kept")
+        path = f" ({exc.filename})" if exc.filename else ""
+        return cls(f"submit failed: {reason}{path}; nothing was kept")
 
 
 class JobQueue:
@@ -181,9 +196,11 @@ class JobQueue:
                     for shard in shards
                 ]
                 self.store.insert_job(conn, job, batches)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(final.parent, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise StorageError.of(exc, jobs_dir) from exc
             raise
         if self._daemon is not None:
             self._daemon.wake("submit")
