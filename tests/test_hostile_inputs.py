@@ -243,6 +243,7 @@ def test_fuzz_the_block_scanner_numbers_lines_as_the_validator(
 
 def test_a_large_file_is_scanned_in_a_child_process(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(dupkeys, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(dupkeys, "spare_cpu", lambda: True)
     started: list[Any] = []
     real = dupkeys.DuplicateKeyScan
 
@@ -270,6 +271,7 @@ def test_a_large_file_is_scanned_in_a_child_process(tmp_path: Path, monkeypatch)
 
 def test_a_failed_child_falls_back_to_scanning_here(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(dupkeys, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(dupkeys, "spare_cpu", lambda: True)
     monkeypatch.setattr(dupkeys, "_CHILD", "import sys; sys.exit(1)")
     path = tmp_path / "in.jsonl"
     path.write_bytes(orjson.dumps(request("a")).replace(b'"method"', b'"url":"x","method"'))

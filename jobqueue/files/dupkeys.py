@@ -31,7 +31,7 @@ __all__ = ["DuplicateKeyScan", "duplicate_key_problem", "iter_lines", "scan_file
 
 READ_BUFFER = 1 << 20
 # Files at least this large are scanned by a child process (starting one costs ~50 ms).
-PARALLEL_MIN_BYTES = 16 * 1024 * 1024
+PARALLEL_MIN_BYTES = 16 * 1024 * 1024  # and only with a spare CPU
 
 
 def _strict_parser() -> Callable[[bytes], object]:
@@ -45,6 +45,14 @@ def _strict_parser() -> Callable[[bytes], object]:
 
 _parse = _strict_parser()
 _JITER_DUPLICATE = re.compile(r'duplicate key "(.*)" at line \d+ column (\d+)\Z', re.S | re.I)
+
+
+def spare_cpu() -> bool:
+    """Whether this process may use more than one CPU (else a child would only compete)."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) > 1
 
 
 def iter_lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:

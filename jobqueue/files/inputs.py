@@ -326,7 +326,7 @@ def prepare_input(
         open_shards: dict[str | None, _OpenShard] = {}
         identity = os.fstat(f.fileno())
         scan = None
-        if identity.st_size >= dupkeys.PARALLEL_MIN_BYTES:
+        if identity.st_size >= dupkeys.PARALLEL_MIN_BYTES and dupkeys.spare_cpu():
             max_line = min(limits.max_line_bytes, limits.max_bytes)
             scan = dupkeys.DuplicateKeyScan(source, identity, max_line, MAX_KEPT_PROBLEMS)
         try:
