@@ -39,7 +39,7 @@ def uvicorn_config(
         lifespan="on",
         # Never behind a proxy that jobqueue knows of: no header rewriting.
         proxy_headers=False,
-        timeout_keep_alive=30 if read_timeout is None else min(30.0, read_timeout),
+        timeout_keep_alive=30 if read_timeout is None else max(1, min(30, int(read_timeout))),
         http=H11Protocol if read_timeout is None else guarded_protocol(read_timeout),
         limit_concurrency=max_connections,
     )

@@ -587,17 +587,19 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except _NO_ARGS_IS_HELP as exc:
-        exc.show()  # `jobqueue` alone: the help, as before
-        return int(exc.exit_code)
+        help_error: Any = exc
+        help_error.show()  # `jobqueue` alone: the help, as before
+        return int(help_error.exit_code)
     except _USAGE_ERROR as exc:
-        ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else "jobqueue"
-        message = _one_line(exc.format_message())
+        usage: Any = exc
+        where = usage.ctx.command_path if usage.ctx is not None else "jobqueue"
+        message = _one_line(usage.format_message())
         stderr.print(f"error: {message} (see `{where} --help`)", markup=False)
-        return int(exc.exit_code)
+        return int(usage.exit_code)
     except _CLICK_EXCEPTION as exc:
-        stderr.print(f"error: {_one_line(exc.format_message())}", markup=False)
-        return int(exc.exit_code)
+        failure: Any = exc
+        stderr.print(f"error: {_one_line(failure.format_message())}", markup=False)
+        return int(failure.exit_code)
     except _ABORT:
         return 130
     except (InputError, ConfigError) as exc:

@@ -308,13 +308,14 @@ def check_command(command: str, path: str) -> None:
     if program is None or program in _SHELL_WORDS or set(program) & set("$`*?[~"):
         return
     if "/" in program:
-        candidate: str | None = program
         if not os.path.exists(program):
             raise ValueError(f"hook command {program!r} does not exist")
+        candidate = program
     else:
-        candidate = shutil.which(program, path=path)
-        if candidate is None:
+        found = shutil.which(program, path=path)
+        if found is None:
             raise ValueError(f"hook command {program!r} is not found on PATH")
+        candidate = found
     if os.path.isdir(candidate):
         raise ValueError(f"hook command {program!r} is a directory")
     if not os.access(candidate, os.X_OK):
