@@ -7,6 +7,7 @@ job = jq.submit("requests.jsonl", endpoint="/v1/chat/completions")
 
 from __future__ import annotations
 
+import errno
 import shutil
 import threading
 import time
@@ -25,6 +26,7 @@ from jobqueue.files import inputs
 from jobqueue.files.sharing import share_with_group
 from jobqueue.logs import get_logger
 from jobqueue.settings import Settings, load_settings
+from jobqueue.store import DatabaseError as DatabaseError  # re-exported: the CLI catches it
 from jobqueue.store import Store, outbox
 from jobqueue.store import StoreError as StoreError  # re-exported: the CLI catches it
 from jobqueue.store.intake import RequestIndexLoader, batch_number_for
@@ -64,6 +66,20 @@ class EventNotFound(JobQueueError):
 
 class InvalidOptions(JobQueueError):
     exit_code = 2
+
+
+class StorageError(JobQueueError):
+    """The machine refused a file operation (a full disk, a read-only mount); nothing was kept."""
+
+    _WRITING = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+    @classmethod
+    def of(cls, exc: OSError, where: Path) -> StorageError:
+        reason = exc.strerror or str(exc)
+        if exc.errno in cls._WRITING:
+            return cls(f"cannot write the job's files in {where}: {reason}; nothing was kept")
+        path = f" ({exc.filename})" if exc.filename else ""
+        return cls(f"submit failed: {reason}{path}; nothing was kept")
 
 
 class JobQueue:
@@ -191,9 +207,11 @@ class JobQueue:
                     for shard in shards
                 ]
                 self.store.insert_job(conn, job, batches)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(final.parent, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise StorageError.of(exc, jobs_dir) from exc
             raise
         if self._daemon is not None:
             self._daemon.wake("submit")
@@ -392,15 +410,31 @@ class JobQueue:
         listen: str | None = None,
     ) -> None:
         """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt); with
-        `listen` (HOST:PORT), serve OpenAI webhooks, /healthz and /metrics there meanwhile."""
-        from jobqueue.service.daemon import Daemon
+        `listen` (HOST:PORT), serve OpenAI webhooks, /healthz and /metrics there meanwhile.
 
-        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
-        server = None
+        A bad or busy address, a missing API key or a hook that cannot run is refused with a
+        `ConfigError` (one line) before any work starts."""
+        sock = None
         if listen:
+            from jobqueue.service.server import listen_socket
+
+            sock = listen_socket(listen)
+        try:
+            daemon = self._new_daemon(provider)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        server = None
+        if sock is not None:
             from jobqueue.service.server import serve_in_background
 
-            server = serve_in_background(daemon, listen)
+            try:
+                server = serve_in_background(daemon, sock)
+            except BaseException:
+                sock.close()
+                daemon.stop()
+                raise
         try:
             daemon.run_forever(stop or threading.Event())
         except KeyboardInterrupt:
@@ -412,13 +446,22 @@ class JobQueue:
     def run_once(self, *, provider: Provider | None = None) -> int:
         """Run the duties in this thread until a whole round moves nothing (hook deliveries due
         now included); return how many steps were taken."""
-        from jobqueue.service.daemon import Daemon
-
-        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        daemon = self._new_daemon(provider)
         try:
             return daemon.run_once()
         finally:
             daemon.stop()
+
+    def _new_daemon(self, provider: Provider | None) -> Daemon:
+        from jobqueue.service.daemon import Daemon
+        from jobqueue.settings import ConfigError
+
+        try:
+            return Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # e.g. no API key, or a hook command that cannot run
+            raise ConfigError(str(exc)) from None
 
     @property
     def daemon(self) -> Daemon | None:

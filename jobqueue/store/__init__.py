@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Row
+    from sqlalchemy.exc import DBAPIError as DatabaseError
 
     from jobqueue.store.base import Store, StoreError
     from jobqueue.store.keys import job_number_of, requests_of_batch
@@ -23,19 +24,30 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "Connection": "sqlalchemy",
     "Row": "sqlalchemy",
+    # What the database driver raised (e.g. "database or disk is full"), as SQLAlchemy wraps it.
+    "DatabaseError": "sqlalchemy.exc:DBAPIError",
     "Store": "jobqueue.store.base",
     "StoreError": "jobqueue.store.base",
     "job_number_of": "jobqueue.store.keys",
     "requests_of_batch": "jobqueue.store.keys",
 }
 
-__all__ = ["Connection", "Row", "Store", "StoreError", "job_number_of", "requests_of_batch"]
+__all__ = [
+    "Connection",
+    "DatabaseError",
+    "Row",
+    "Store",
+    "StoreError",
+    "job_number_of",
+    "requests_of_batch",
+]
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'jobqueue.store' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
+    module, _, attribute = module.partition(":")
+    value = getattr(import_module(module), attribute or name)
     globals()[name] = value
     return value
