@@ -7,6 +7,7 @@ job = jq.submit("requests.jsonl", endpoint="/v1/chat/completions")
 
 from __future__ import annotations
 
+import errno
 import shutil
 import threading
 import time
@@ -20,10 +21,12 @@ import orjson
 from jobqueue.core.durations import parse_duration
 from jobqueue.core.ids import new_id
 from jobqueue.core.records import Delivery, Event, Job
+from jobqueue.core.states import BatchStatus, JobStatus
 from jobqueue.files import inputs
 from jobqueue.files.sharing import share_with_group
 from jobqueue.logs import get_logger
 from jobqueue.settings import Settings, load_settings
+from jobqueue.store import DatabaseError as DatabaseError  # re-exported: the CLI catches it
 from jobqueue.store import Store, outbox
 from jobqueue.store import StoreError as StoreError  # re-exported: the CLI catches it
 from jobqueue.store.coordination import DaemonAlreadyRunning as DaemonAlreadyRunning  # the CLI too
@@ -64,6 +67,20 @@ class EventNotFound(JobQueueError):
 
 class InvalidOptions(JobQueueError):
     exit_code = 2
+
+
+class StorageError(JobQueueError):
+    """The machine refused a file operation (a full disk, a read-only mount); nothing was kept."""
+
+    _WRITING = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+    @classmethod
+    def of(cls, exc: OSError, where: Path) -> StorageError:
+        reason = exc.strerror or str(exc)
+        if exc.errno in cls._WRITING:
+            return cls(f"cannot write the job's files in {where}: {reason}; nothing was kept")
+        path = f" ({exc.filename})" if exc.filename else ""
+        return cls(f"submit failed: {reason}{path}; nothing was kept")
 
 
 class JobQueue:
@@ -157,7 +174,7 @@ class JobQueue:
                 job = {
                     "id": job_id,
                     "number": job_number,
-                    "status": "queued",
+                    "status": JobStatus.QUEUED,
                     "endpoint": endpoint,
                     "completion_window": options["completion_window"],
                     "user_metadata": options["metadata"],
@@ -177,7 +194,7 @@ class JobQueue:
                         "id": new_id("batch"),
                         "job_id": job_id,
                         "number": batch_number_for(shard),
-                        "status": "queued",
+                        "status": BatchStatus.QUEUED,
                         "shard_index": shard.index,
                         "attempt": 1,
                         "model": shard.model,
@@ -191,9 +208,11 @@ class JobQueue:
                     for shard in shards
                 ]
                 self.store.insert_job(conn, job, batches)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(final.parent, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise StorageError.of(exc, jobs_dir) from exc
             raise
         if self._daemon is not None:
             self._daemon.wake("submit")
@@ -401,27 +420,35 @@ class JobQueue:
     ) -> None:
         """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt); with
         `listen` (HOST:PORT), serve OpenAI webhooks, /healthz and /metrics there meanwhile.
-        On SQLite, `DaemonAlreadyRunning` when another daemon runs on the database file."""
-        from jobqueue.service.daemon import Daemon
-
-        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        A bad or busy address, a missing API key or a hook that cannot run is refused with a
+        `ConfigError` (one line) before any work starts; on SQLite, another daemon running on
+        the database file with `DaemonAlreadyRunning`, before anything listens."""
+        daemon = self._new_daemon(provider)
+        sock = None
         try:
-            # First, so that a second daemon on a SQLite file is refused before it listens.
-            daemon.start()
+            daemon.hold_database()
+            if listen:
+                from jobqueue.service.server import listen_socket
+
+                sock = listen_socket(listen)
         except BaseException:
             daemon.stop()
             raise
         server = None
-        try:
-            if listen:
-                from jobqueue.service.server import serve_in_background
+        if sock is not None:
+            from jobqueue.service.server import serve_in_background
 
-                server = serve_in_background(daemon, listen)
+            try:
+                server = serve_in_background(daemon, sock)
+            except BaseException:
+                sock.close()
+                daemon.stop()
+                raise
+        try:
             daemon.run_forever(stop or threading.Event())
         except KeyboardInterrupt:
-            pass
-        finally:
             daemon.stop()
+        finally:
             if server is not None:
                 server.stop()
 
@@ -430,13 +457,22 @@ class JobQueue:
         now included); return how many steps were taken. With several daemons on PostgreSQL it
         runs the leader's duties (reconcile, expire) only if no other daemon leads; on SQLite,
         `DaemonAlreadyRunning` when a daemon runs on the database file."""
-        from jobqueue.service.daemon import Daemon
-
-        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        daemon = self._new_daemon(provider)
         try:
             return daemon.run_once()
         finally:
             daemon.stop()
+
+    def _new_daemon(self, provider: Provider | None) -> Daemon:
+        from jobqueue.service.daemon import Daemon
+        from jobqueue.settings import ConfigError
+
+        try:
+            return Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # e.g. no API key, or a hook command that cannot run
+            raise ConfigError(str(exc)) from None
 
     @property
     def daemon(self) -> Daemon | None:
@@ -505,7 +541,7 @@ class JobQueue:
         remote = 0
         with self.store.write() as conn:
             row = self.job_row(conn, job_id)
-            if row.status in ("queued", "running"):
+            if row.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 remote = request_cancel(self.store, conn, row.id)
                 log.debug("job cancel requested", job_id=row.id, remote_batches=remote)
         if remote:

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from jobqueue.api import JobQueue
 from jobqueue.core.records import Event, Job
+from jobqueue.core.states import BATCH_TERMINAL, JobStatus
 from jobqueue.logs import configure_logging
 
 out = Console(highlight=False, soft_wrap=True)
@@ -133,7 +134,7 @@ def demo_command(
         with results_path.open("wb") as f:
             queue.export_results(job.id, f)
         _summary(queue, job, labels, results_path, time.monotonic() - started, root.overrides)
-    if job.status != "completed":
+    if job.status != JobStatus.COMPLETED:
         raise typer.Exit(1)
 
 
@@ -160,7 +161,7 @@ def _print_event(event: Event, labels: dict[str, str], started: float) -> None:
     who = labels.get(event.batch_id or "", "job")
     counts = event.data.get("request_counts") or {}
     detail = ""
-    if event.to_status in ("completed", "expired", "cancelled", "failed") and counts:
+    if event.to_status in BATCH_TERMINAL and counts:
         detail = f"  ({counts.get('completed', 0):,} ok, {counts.get('failed', 0):,} failed)"
     if event.data.get("retry_of"):
         detail = f"  (retrying {counts.get('total', 0):,} requests)"

@@ -19,8 +19,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from jobqueue.api import JobQueue
+from jobqueue.api import JobQueue, JobQueueError
 from jobqueue.core.records import Job
+from jobqueue.core.states import JobStatus
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -109,7 +110,9 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
             stderr.print(f"{job.id} {job.status}: {_summary(job)}")
         if not job.done:
             raise typer.Exit(EXIT_TIMEOUT)
-        raise typer.Exit(EXIT_COMPLETED if job.status == "completed" else EXIT_NOT_COMPLETED)
+        raise typer.Exit(
+            EXIT_COMPLETED if job.status == JobStatus.COMPLETED else EXIT_NOT_COMPLETED
+        )
 
     @app.command()
     def results(
@@ -135,8 +138,13 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
                 param_hint="JOB_ID",
             )
         if output is None:
-            written = queue.export_results(job.id, sys.stdout.buffer, errors_only=errors_only)
-            sys.stdout.flush()
+            try:
+                written = queue.export_results(job.id, sys.stdout.buffer, errors_only=errors_only)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise JobQueueError(f"cannot write the results to stdout: {exc.strerror}") from None
         else:
             part = output.with_name(output.name + ".part")
             try:
@@ -145,8 +153,12 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
                     f.flush()
                     os.fsync(f.fileno())
                 part.replace(output)
-            except BaseException:
-                part.unlink(missing_ok=True)
+            except BaseException as exc:
+                part.unlink(missing_ok=True)  # never a half-written file left behind
+                if isinstance(exc, OSError):
+                    raise JobQueueError(
+                        f"cannot write {output}: {exc.strerror or exc}; nothing was written"
+                    ) from None
                 raise
         where = output if output is not None else "stdout"
         stderr.print(f"wrote {written:,} results to {where}")

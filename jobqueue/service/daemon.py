@@ -122,9 +122,15 @@ class Daemon:
         self._states = {name: _DutyState() for name in self.duties}
         self._scheduler: BackgroundScheduler | None = None
         self._stopping = threading.Event()
+        self._ran = False  # started, or run once: what `stop()` reports having stopped
         self.log = log.bind(owner=self.ctx.owner)
         # Hooks: the config's sinks (owned here) and the embedding program's (not owned).
-        self._config_sinks = build_sinks(settings.hooks)
+        try:
+            self._config_sinks = build_sinks(settings.hooks)
+        except BaseException:
+            if self._own_provider:
+                self.provider.close()
+            raise
         self._extra_sinks = list(sinks or [])
         self.dispatcher: Dispatcher | None = None
         self._dispatch_stop = threading.Event()
@@ -154,7 +160,8 @@ class Daemon:
         another daemon holds the database; nothing is started then."""
         if self._scheduler is not None:
             return
-        self._hold_database()
+        self.hold_database()
+        self._ran = True
         self.leadership.start()
         self.listener.start()
         # Ready means listening: what is submitted from now on wakes us at once. A database
@@ -209,7 +216,8 @@ class Daemon:
         if self._own_provider:
             self.provider.close()
         self._release_database()
-        self.log.info("daemon stopped")
+        if self._ran:
+            self.log.info("daemon stopped")
 
     @property
     def running(self) -> bool:
@@ -234,7 +242,8 @@ class Daemon:
         """
         standalone = self._scheduler is None
         if standalone:
-            self._hold_database()
+            self.hold_database()
+            self._ran = True
             self.leadership.check()
         dispatcher = self._make_dispatcher()
         total = 0
@@ -256,7 +265,9 @@ class Daemon:
 
     # -- several daemons --------------------------------------------------------------------
 
-    def _hold_database(self) -> None:
+    def hold_database(self) -> None:
+        """On SQLite, take the database's one-daemon lock (`DaemonAlreadyRunning` when another
+        daemon has it); kept until `stop()`. Nothing on PostgreSQL."""
         if self.store.dialect == "sqlite" and self._sqlite_lock is None:
             self._sqlite_lock = hold_sqlite_daemon_lock(self.store)
 
@@ -378,6 +389,12 @@ class Daemon:
         started = time.perf_counter()
         try:
             moved = duty.fn(self.ctx)
+        except OSError as exc:
+            # The machine, not the code (a full disk, a lost mount): one line, no traceback.
+            state.errors += 1
+            state.last_error = f"{type(exc).__name__}: {exc}"
+            self.log.error("duty failed", duty=duty.name, error=state.last_error)
+            return 0
         except Exception as exc:
             state.errors += 1
             state.last_error = f"{type(exc).__name__}: {exc}"

@@ -9,6 +9,7 @@ from sqlalchemy import Connection, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from jobqueue.core.states import JobStatus
 from jobqueue.store import Store
 from jobqueue.store.tables import events_table, jobs_table, sink_cursors_table
 
@@ -31,7 +32,7 @@ def start_cursors_at_open_jobs(
     first_open = conn.execute(
         select(func.min(e.c.seq))
         .join(j, j.c.id == e.c.job_id)
-        .where(j.c.status.in_(["queued", "running"]))
+        .where(j.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
     ).scalar_one_or_none()
     newest = conn.execute(select(func.coalesce(func.max(e.c.seq), 0))).scalar_one()
     start = first_open - 1 if first_open is not None else newest
