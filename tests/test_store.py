@@ -204,8 +204,8 @@ def test_token_limit_requeue_counts_refusals_across_submissions(store: Store) ->
         )
         assert claimed is not None and claimed.lease_owner == "me"
         submitted = batches.mark_submitted(
-            store, conn, first, {"remote_id": "batch_remote_1", "last_error": None}, at=None,
-            now=now,
+            store, conn, batches.Lease.of(claimed),
+            {"remote_id": "batch_remote_1", "last_error": None}, at=None, now=now,
         )  # fmt: skip
         assert submitted is not None and submitted.lease_owner is None
         second = batches.requeue_after_token_limit(store, conn, submitted, {}, delay=10.0, now=now)
