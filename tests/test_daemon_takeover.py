@@ -18,7 +18,7 @@ from jobqueue.emulator import EmulatorConfig, serve_in_thread
 from jobqueue.hooks.dispatcher import Dispatcher
 from jobqueue.service.daemon import Daemon
 from jobqueue.settings import ConfigError, load_settings
-from jobqueue.store import Store, fleet
+from jobqueue.store import Store, daemons
 from jobqueue.store.tables import deliveries_table
 from jobqueue.testing import InMemoryRemote
 from tests.daemon_helpers import API_KEY, make_queue, wait_until
@@ -47,7 +47,7 @@ def test_heartbeat_interval_and_daemon_timeout_settings(
 
 def _rows(store: Store) -> dict[str, object]:
     with store.read() as conn:
-        return {row.id: row for row in fleet.daemon_rows(conn)}
+        return {row.id: row for row in daemons.daemon_rows(conn)}
 
 
 def test_a_daemon_registers_heartbeats_and_marks_itself_stopped(

@@ -23,21 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
 CONTRACTS = {contract["id"]: contract for contract in CONFIG["contracts"]}
 
-# Contracts that main breaks today, while the SQL moves into store operations, each with who
-# fixes it. Remove a mark once that work has landed.
-BROKEN_ON_MAIN = {
-    "layers": "duties/ (sql-duties branch): duties/submit.py imports backoff from "
-    "jobqueue.hooks.sinks, and duties and hooks are independent siblings",
-    "cli-no-store": "cli/ owner: cli/app.py and cli/demo.py import jobqueue.store "
-    "(outbox, migrate, Store, tables) instead of going through the API",
-    "sql-in-store": "duties/ (sql-duties branch), service/ (sql-edges branch) and cli/demo.py "
-    "(cli/ owner) import sqlalchemy or jobqueue.store.tables instead of store operations",
-}
-
 # Top-level modules that sit outside the layers on purpose.
 OUTSIDE_LAYERS = {
     "__main__",  # `python -m jobqueue`: the CLI
-    "emulator",  # its own contract: nothing of jobqueue but httpserver and version
+    "emulator",  # its own contract: nothing of jobqueue but httpserver, version and tokens
     "testing",  # an in-memory remote for tests: may import the remote
 }
 
@@ -47,14 +36,7 @@ def _lint_imports() -> str:
     return found or shutil.which("lint-imports") or pytest.fail("lint-imports is not installed")
 
 
-def _contract_param(contract_id: str) -> object:
-    reason = BROKEN_ON_MAIN.get(contract_id)
-    if reason is None:
-        return contract_id
-    return pytest.param(contract_id, marks=pytest.mark.xfail(strict=False, reason=reason))
-
-
-@pytest.mark.parametrize("contract_id", [_contract_param(c) for c in CONTRACTS])
+@pytest.mark.parametrize("contract_id", list(CONTRACTS))
 def test_import_contract(contract_id: str) -> None:
     result = subprocess.run(
         [_lint_imports(), "--no-cache", "--contract", contract_id],
@@ -64,10 +46,6 @@ def test_import_contract(contract_id: str) -> None:
         timeout=120,
     )
     assert result.returncode == 0, f"{CONTRACTS[contract_id]['name']}:\n{result.stdout}"
-
-
-def test_xfail_marks_name_real_contracts() -> None:
-    assert set(BROKEN_ON_MAIN) <= set(CONTRACTS)
 
 
 def test_every_top_level_module_is_in_a_layer() -> None:
@@ -106,7 +84,7 @@ def test_the_emulator_loads_nothing_of_the_store_or_the_api() -> None:
     assert "jobqueue.emulator.engine" in loaded
     assert not _under(loaded, "jobqueue.store", "jobqueue.api", "sqlalchemy")
     ours = _under(loaded, "jobqueue")
-    allowed = {"jobqueue", "jobqueue.version", "jobqueue.httpserver"}
+    allowed = {"jobqueue", "jobqueue.version", "jobqueue.httpserver", "jobqueue.tokens"}
     assert ours - _under(ours, "jobqueue.emulator") <= allowed, ours
 
 
@@ -121,3 +99,10 @@ def test_migrations_env_imports_only_the_tables_of_jobqueue() -> None:
             imported.update(alias.name for alias in node.names)
     assert "jobqueue.store.tables" in imported
     assert _under(imported, "jobqueue") == {"jobqueue.store.tables"}, imported
+
+
+def test_the_tables_load_without_the_engine_or_the_migration_runner() -> None:
+    """What alembic/env.py imports for the metadata brings neither `Store` nor the runner."""
+    loaded = _loaded_after("import jobqueue.store.tables")
+    assert "jobqueue.store.tables" in loaded
+    assert not {"jobqueue.store.base", "jobqueue.store.migrate"} & loaded, loaded

@@ -19,8 +19,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from jobqueue.api import JobQueue
+from jobqueue.api import JobQueue, JobQueueError
 from jobqueue.core.records import Job
+from jobqueue.core.states import JobStatus
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -52,12 +53,8 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         SIGTERM or SIGINT stops it cleanly: steps in hand finish, leases are released.
         """
         queue: JobQueue = queue_of(ctx)
-        from jobqueue.service.daemon import Daemon
-
-        daemon = Daemon(queue.settings, queue.store)
         if once:
-            moved = daemon.run_once()
-            daemon.stop()
+            moved = queue.run_once()
             stderr.print(f"nothing more to do now ({moved} steps taken)")
             return
         stop = threading.Event()
@@ -68,17 +65,7 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        server = None
-        address = listen or queue.settings.listen
-        if address:
-            from jobqueue.service.server import serve_in_background
-
-            server = serve_in_background(daemon, address)
-        try:
-            daemon.run_forever(stop)
-        finally:
-            if server is not None:
-                server.stop()
+        queue.run(stop, listen=listen or queue.settings.listen)
 
     @app.command()
     def wait(
@@ -122,7 +109,9 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
             stderr.print(f"{job.id} {job.status}: {_summary(job)}")
         if not job.done:
             raise typer.Exit(EXIT_TIMEOUT)
-        raise typer.Exit(EXIT_COMPLETED if job.status == "completed" else EXIT_NOT_COMPLETED)
+        raise typer.Exit(
+            EXIT_COMPLETED if job.status == JobStatus.COMPLETED else EXIT_NOT_COMPLETED
+        )
 
     @app.command()
     def results(
@@ -148,8 +137,13 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
                 param_hint="JOB_ID",
             )
         if output is None:
-            written = queue.export_results(job.id, sys.stdout.buffer, errors_only=errors_only)
-            sys.stdout.flush()
+            try:
+                written = queue.export_results(job.id, sys.stdout.buffer, errors_only=errors_only)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise JobQueueError(f"cannot write the results to stdout: {exc.strerror}") from None
         else:
             part = output.with_name(output.name + ".part")
             try:
@@ -158,8 +152,12 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
                     f.flush()
                     os.fsync(f.fileno())
                 part.replace(output)
-            except BaseException:
-                part.unlink(missing_ok=True)
+            except BaseException as exc:
+                part.unlink(missing_ok=True)  # never a half-written file left behind
+                if isinstance(exc, OSError):
+                    raise JobQueueError(
+                        f"cannot write {output}: {exc.strerror or exc}; nothing was written"
+                    ) from None
                 raise
         where = output if output is not None else "stdout"
         stderr.print(f"wrote {written:,} results to {where}")

@@ -15,7 +15,7 @@ import socket
 from jobqueue.duties.context import DutyContext, Heartbeat
 from jobqueue.duties.owners import Liveness, judge
 from jobqueue.logs import get_logger
-from jobqueue.store import fleet
+from jobqueue.store import daemons
 from jobqueue.version import __version__
 
 log = get_logger("jobqueue.heartbeat")
@@ -37,12 +37,12 @@ def register(ctx: DutyContext) -> bool:
     now = ctx.clock()
     try:
         with ctx.store.write() as conn:
-            fleet.forget_daemons(conn, now - FORGET_AFTER)
-            fleet.register_daemon(
+            daemons.forget_daemons(conn, now - FORGET_AFTER)
+            daemons.register_daemon(
                 conn, daemon_id=ctx.owner, host=socket.gethostname(), pid=os.getpid(),
                 version=__version__, now=now,
             )  # fmt: skip
-            renewed = fleet.renew_heartbeat(conn, ctx.owner, now)
+            renewed = daemons.renew_heartbeat(conn, ctx.owner, now)
     except Exception as exc:
         beat.failed(f"cannot register: {exc}")
         log.warning("cannot register the daemon; claiming nothing until it can", error=str(exc))
@@ -63,9 +63,9 @@ def heartbeat_once(ctx: DutyContext) -> Liveness | None:
     was_fresh = beat.fresh(now)
     try:
         with ctx.store.write() as conn:
-            renewed = fleet.renew_heartbeat(conn, ctx.owner, now)
-            if not renewed and not fleet.daemon_rows(conn, [ctx.owner]):
-                fleet.register_daemon(
+            renewed = daemons.renew_heartbeat(conn, ctx.owner, now)
+            if not renewed and not daemons.daemon_rows(conn, [ctx.owner]):
+                daemons.register_daemon(
                     conn, daemon_id=ctx.owner, host=socket.gethostname(), pid=os.getpid(),
                     version=__version__, now=now,
                 )  # fmt: skip
@@ -92,4 +92,4 @@ def mark_stopped(ctx: DutyContext) -> None:
     if ctx.heartbeat is not None:
         ctx.heartbeat.failed("stopped")
     with ctx.store.write() as conn:
-        fleet.mark_daemon_stopped(conn, ctx.owner, ctx.clock())
+        daemons.mark_daemon_stopped(conn, ctx.owner, ctx.clock())

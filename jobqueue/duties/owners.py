@@ -17,7 +17,7 @@ unknown, judged by its lease alone. What follows from it:
 
 Owner names are `host:pid:random` (unique per process; `<id>/hooks` for its hook dispatcher),
 so the host and pid of a lease owner are known even without its row; a lease owner name
-belongs to the daemon `jobqueue.store.fleet.daemon_of_owner` names.
+belongs to the daemon `jobqueue.store.daemons.daemon_of_owner` names.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from jobqueue.duties.context import DutyContext
 from jobqueue.store import Connection
-from jobqueue.store.fleet import daemon_of_owner, daemon_rows
+from jobqueue.store.daemons import daemon_of_owner, daemon_rows
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,6 @@ def _gone_here(name: str, host: str) -> bool:
     """A daemon name of this host whose process no longer exists (never this process)."""
     pid = _local_pid(name, host)
     return pid is not None and pid != os.getpid() and not _pid_alive(pid)
-
-
-def dead_local_owners(owners: list[str], me: str) -> list[str]:
-    """The owners among `owners` that are processes of this host that no longer exist."""
-    host = socket.gethostname()
-    return [owner for owner in owners if owner != me and _gone_here(owner, host)]
 
 
 def judge(conn: Connection, *, me: str, now: float, timeout: float) -> Liveness:

@@ -18,9 +18,6 @@ from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jobqueue.duties.collect import collect_once
 from jobqueue.duties.context import DutyContext, Heartbeat, make_owner
@@ -37,8 +34,7 @@ from jobqueue.remote.base import Provider
 from jobqueue.service.sdnotify import notify, watchdog_interval
 from jobqueue.settings import Settings
 from jobqueue.store import Store
-from jobqueue.store.fleet import hooks_owner
-from jobqueue.store.tables import events_table, jobs_table, sink_cursors_table
+from jobqueue.store.daemons import daemon_of_owner, hooks_owner, ping, start_cursors_at_open_jobs
 
 log = get_logger("jobqueue.service.daemon")
 # Our scheduler's own logger: a duty woken while it runs is skipped on purpose (the wake is
@@ -110,7 +106,12 @@ class Daemon:
         self._stopping = threading.Event()
         self.log = log.bind(owner=self.ctx.owner)
         # Hooks: the config's sinks (owned here) and the embedding program's (not owned).
-        self._config_sinks = build_sinks(settings.hooks)
+        try:
+            self._config_sinks = build_sinks(settings.hooks)
+        except BaseException:
+            if self._own_provider:
+                self.provider.close()
+            raise
         self._extra_sinks = list(sinks or [])
         self.dispatcher: Dispatcher | None = None
         self._dispatch_stop = threading.Event()
@@ -268,7 +269,8 @@ class Daemon:
         newly_dead = dead - self._dead_owners
         self._dead_owners = dead
         if newly_dead:
-            self.log.info("daemons found dead", daemons=sorted(liveness.dead - {self.owner}))
+            found = sorted({daemon_of_owner(name) for name in newly_dead})
+            self.log.info("daemons found dead or stopped", daemons=found)
             if self.dispatcher is not None:
                 self.dispatcher.wake()
         return True
@@ -280,24 +282,8 @@ class Daemon:
         names = [sink.name for sink in self._config_sinks]
         if not names:
             return
-        c, e, j = sink_cursors_table, events_table, jobs_table
         with self.store.write() as conn:
-            known = set(conn.execute(select(c.c.sink).where(c.c.sink.in_(names))).scalars())
-            missing = [name for name in names if name not in known]
-            if not missing:
-                return
-            first_open = conn.execute(
-                select(func.min(e.c.seq))
-                .join(j, j.c.id == e.c.job_id)
-                .where(j.c.status.in_(["queued", "running"]))
-            ).scalar_one_or_none()
-            newest = conn.execute(select(func.coalesce(func.max(e.c.seq), 0))).scalar_one()
-            start = first_open - 1 if first_open is not None else newest
-            insert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
-            conn.execute(
-                insert(c).on_conflict_do_nothing(index_elements=["sink"]),
-                [{"sink": n, "last_seq": start, "updated_at": time.time()} for n in missing],
-            )
+            start_cursors_at_open_jobs(conn, self.store.dialect, names, time.time())
 
     def _start_dispatcher(self) -> None:
         self.dispatcher = self._make_dispatcher()
@@ -364,6 +350,12 @@ class Daemon:
         started = time.perf_counter()
         try:
             moved = duty.fn(self.ctx)
+        except OSError as exc:
+            # The machine, not the code (a full disk, a lost mount): one line, no traceback.
+            state.errors += 1
+            state.last_error = f"{type(exc).__name__}: {exc}"
+            self.log.error("duty failed", duty=duty.name, error=state.last_error)
+            return 0
         except Exception as exc:
             state.errors += 1
             state.last_error = f"{type(exc).__name__}: {exc}"
@@ -392,8 +384,7 @@ class Daemon:
         if not self.running:
             return False
         try:
-            with self.store.read() as conn:
-                conn.execute(text("SELECT 1"))
+            ping(self.store)
         except Exception:
             return False
         return True

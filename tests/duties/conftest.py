@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from jobqueue.api import JobQueue
 from jobqueue.core.records import Job
 from jobqueue.duties.context import DutyContext
-from jobqueue.store import Store, fleet
+from jobqueue.store import Store, daemons
 from jobqueue.testing import Clock, InMemoryRemote
 from tests.factories import chat_file
 
@@ -67,7 +67,7 @@ class World:
         host, _, rest = owner.partition(":")
         pid = rest.partition(":")[0]
         with self.store.write() as conn:
-            fleet.register_daemon(
+            daemons.register_daemon(
                 conn, daemon_id=owner, host=host, pid=int(pid) if pid.isdigit() else 0,
                 version="test", now=self.clock(),
             )  # fmt: skip
@@ -75,7 +75,7 @@ class World:
     def beat(self, owner: str) -> bool:
         """Renew `owner`'s heartbeat at the clock's time."""
         with self.store.write() as conn:
-            return fleet.renew_heartbeat(conn, owner, self.clock())
+            return daemons.renew_heartbeat(conn, owner, self.clock())
 
     def submit(self, n: int = 3, **options: Any) -> Job:
         source = chat_file(self.tmp_path / f"in-{len(self.jq.jobs())}.jsonl", n)

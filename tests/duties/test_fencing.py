@@ -17,7 +17,7 @@ from jobqueue.duties.context import DutyContext
 from jobqueue.duties.heartbeat import heartbeat_once, mark_stopped, register
 from jobqueue.duties.reconcile import reconcile_once
 from jobqueue.duties.submit import submit_once
-from jobqueue.store import Store, fleet
+from jobqueue.store import Store, daemons
 from tests.duties.conftest import CALL_TIMEOUT, Crash, World
 from tests.duties.test_two_owners import running
 
@@ -130,7 +130,7 @@ def test_a_live_daemon_keeps_its_batch_past_its_lease_a_dead_one_loses_it(
         world.clock.advance(world.settings.daemon_timeout + 1)  # not heard of since
     else:
         with world.store.write() as conn:
-            assert fleet.mark_daemon_stopped(conn, owner, world.clock())
+            assert daemons.mark_daemon_stopped(conn, owner, world.clock())
     assert _run(world, duty, "daemon-2") == 1
     row = world.row(batch_id)
     assert row.lease_owner is None
@@ -192,7 +192,7 @@ def test_a_daemon_whose_row_says_stopped_claims_nothing(world: World) -> None:
     ctx = _daemon(world, "daemon-1")
     batch_id = _one_batch(world)
     with world.store.write() as conn:  # an operator (or a clean stop) stopped it
-        assert fleet.mark_daemon_stopped(conn, "daemon-1", world.clock())
+        assert daemons.mark_daemon_stopped(conn, "daemon-1", world.clock())
     assert heartbeat_once(ctx) is None
     assert ctx.heartbeat is not None and "stopped" in (ctx.heartbeat.refused or "")
     assert submit_once(ctx) == 0 and world.row(batch_id).status == "queued"
@@ -202,10 +202,10 @@ def test_a_daemon_whose_row_says_stopped_claims_nothing(world: World) -> None:
 def test_a_forgotten_row_is_registered_again(world: World) -> None:
     ctx = _daemon(world, "daemon-1")
     with world.store.write() as conn:
-        assert fleet.forget_daemons(conn, world.clock() + 1) == 1
+        assert daemons.forget_daemons(conn, world.clock() + 1) == 1
     assert heartbeat_once(ctx) is not None and ctx.may_claim()
     with world.store.read() as conn:
-        assert [r.id for r in fleet.daemon_rows(conn)] == ["daemon-1"]
+        assert [r.id for r in daemons.daemon_rows(conn)] == ["daemon-1"]
 
 
 def test_the_heartbeat_judges_the_other_daemons(world: World) -> None:
@@ -215,7 +215,7 @@ def test_the_heartbeat_judges_the_other_daemons(world: World) -> None:
     world.clock.advance(world.settings.daemon_timeout - 1)
     assert world.beat("host-a:1:aaaaaa")
     with world.store.write() as conn:
-        fleet.mark_daemon_stopped(conn, "host-b:2:bbbbbb", world.clock())
+        daemons.mark_daemon_stopped(conn, "host-b:2:bbbbbb", world.clock())
     world.clock.advance(2)  # host-c's heartbeat is now older than the timeout
     liveness = heartbeat_once(ctx)
     assert liveness is not None
@@ -224,5 +224,5 @@ def test_the_heartbeat_judges_the_other_daemons(world: World) -> None:
     mark_stopped(ctx)
     assert not ctx.may_claim()
     with world.store.read() as conn:
-        (row,) = fleet.daemon_rows(conn, ["daemon-1"])
+        (row,) = daemons.daemon_rows(conn, ["daemon-1"])
     assert row.stopped_at == world.clock()

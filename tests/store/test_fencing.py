@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Row, select
 
 from jobqueue.core.ids import new_id
-from jobqueue.store import Store, batches, fleet, outbox
+from jobqueue.store import Store, batches, daemons, outbox
 from jobqueue.store.batches import Lease
 from jobqueue.store.tables import deliveries_table
 
@@ -296,32 +296,34 @@ def test_a_takeover_in_flight_holds_off_the_old_holders_write(store: Store, db_u
 # -- the daemons table ------------------------------------------------------------------------
 
 
-def daemons(store: Store, *ids: str) -> dict[str, Row]:
+def rows_of(store: Store, *ids: str) -> dict[str, Row]:
     with store.read() as conn:
-        return {r.id: r for r in fleet.daemon_rows(conn, ids or None)}
+        return {r.id: r for r in daemons.daemon_rows(conn, ids or None)}
 
 
 def register(store: Store, daemon_id: str, now: float = NOW) -> None:
     with store.write() as conn:
-        fleet.register_daemon(conn, daemon_id=daemon_id, host="h1", pid=42, version="1.0", now=now)
+        daemons.register_daemon(
+            conn, daemon_id=daemon_id, host="h1", pid=42, version="1.0", now=now
+        )
 
 
 def test_register_heartbeat_and_stop(store: Store) -> None:
     register(store, "h1:42:aaaaaa")
-    (row,) = daemons(store).values()
+    (row,) = rows_of(store).values()
     assert (row.id, row.host, row.pid, row.version) == ("h1:42:aaaaaa", "h1", 42, "1.0")
     assert (row.started_at, row.heartbeat_at, row.stopped_at) == (NOW, NOW, None)
     with store.write() as conn:
-        assert fleet.renew_heartbeat(conn, "h1:42:aaaaaa", NOW + 5)
-        assert not fleet.renew_heartbeat(conn, "h1:42:unknown", NOW + 5)
-    assert daemons(store)["h1:42:aaaaaa"].heartbeat_at == NOW + 5
+        assert daemons.renew_heartbeat(conn, "h1:42:aaaaaa", NOW + 5)
+        assert not daemons.renew_heartbeat(conn, "h1:42:unknown", NOW + 5)
+    assert rows_of(store)["h1:42:aaaaaa"].heartbeat_at == NOW + 5
     with store.write() as conn:
-        assert fleet.mark_daemon_stopped(conn, "h1:42:aaaaaa", NOW + 6)
-        assert not fleet.mark_daemon_stopped(conn, "h1:42:aaaaaa", NOW + 7)
+        assert daemons.mark_daemon_stopped(conn, "h1:42:aaaaaa", NOW + 6)
+        assert not daemons.mark_daemon_stopped(conn, "h1:42:aaaaaa", NOW + 7)
         # A stopped daemon's heartbeat is refused: it stays stopped, even if registered again.
-        assert not fleet.renew_heartbeat(conn, "h1:42:aaaaaa", NOW + 8)
+        assert not daemons.renew_heartbeat(conn, "h1:42:aaaaaa", NOW + 8)
     register(store, "h1:42:aaaaaa", NOW + 9)
-    row = daemons(store)["h1:42:aaaaaa"]
+    row = rows_of(store)["h1:42:aaaaaa"]
     assert (row.heartbeat_at, row.stopped_at, row.started_at) == (NOW + 5, NOW + 6, NOW)
 
 
@@ -329,14 +331,14 @@ def test_daemon_rows_by_id_and_forgetting_old_ones(store: Store) -> None:
     for i, when in enumerate([NOW, NOW + 100, NOW + 200]):
         register(store, f"d{i}", when)
     with store.write() as conn:
-        fleet.mark_daemon_stopped(conn, "d2", NOW + 250)
-    assert list(daemons(store, "d0", "d2", "nobody")) == ["d0", "d2"]
+        daemons.mark_daemon_stopped(conn, "d2", NOW + 250)
+    assert list(rows_of(store, "d0", "d2", "nobody")) == ["d0", "d2"]
     with store.write() as conn:
-        assert fleet.forget_daemons(conn, NOW + 150) == 2  # d0 silent, d1 silent since +100
-    assert list(daemons(store)) == ["d2"]
+        assert daemons.forget_daemons(conn, NOW + 150) == 2  # d0 silent, d1 silent since +100
+    assert list(rows_of(store)) == ["d2"]
     with store.read() as conn:
-        assert fleet.daemon_rows(conn, []) == []
-    assert fleet.daemon_of_owner(fleet.hooks_owner("h:1:abc")) == "h:1:abc"
+        assert daemons.daemon_rows(conn, []) == []
+    assert daemons.daemon_of_owner(daemons.hooks_owner("h:1:abc")) == "h:1:abc"
 
 
 # -- hook deliveries of dead owners -----------------------------------------------------------
