@@ -26,10 +26,10 @@ class Heartbeat:
     """A daemon's own heartbeat as its duties see it: when it was last renewed, and whether
     the daemon's row still lets it work.
 
-    The duties claim new work only while it is `fresh`: renewed less than `timeout` seconds
-    ago. A daemon whose heartbeat cannot be renewed (the database is down, its row says it
-    stopped) stops claiming until it can, since the other daemons may count it dead by then
-    and take over what it held.
+    The duties claim new work only while it is `fresh`: its last renewal succeeded, less than
+    half the daemon timeout ago (well before the other daemons may count it dead and take over
+    what it holds). A daemon whose heartbeat cannot be renewed (the database is down, its row
+    says it stopped) claims nothing until it can.
     """
 
     def __init__(self, timeout: float) -> None:
@@ -56,7 +56,7 @@ class Heartbeat:
     def fresh(self, now: float) -> bool:
         with self._lock:
             at = self._renewed_at
-        return at is not None and now - at < self.timeout
+        return at is not None and now - at < self.timeout / 2
 
 
 @dataclass

@@ -38,14 +38,19 @@ def register(ctx: DutyContext) -> bool:
     try:
         with ctx.store.write() as conn:
             daemons.forget_daemons(conn, now - FORGET_AFTER)
-            daemons.register_daemon(
+            ours = daemons.register_daemon(
                 conn, daemon_id=ctx.owner, host=socket.gethostname(), pid=os.getpid(),
                 version=__version__, now=now,
             )  # fmt: skip
-            renewed = daemons.renew_heartbeat(conn, ctx.owner, now)
+            renewed = ours and daemons.renew_heartbeat(conn, ctx.owner, now)
     except Exception as exc:
         beat.failed(f"cannot register: {exc}")
         log.warning("cannot register the daemon; claiming nothing until it can", error=str(exc))
+        return False
+    if not ours:
+        beat.failed("another process's row has our name")
+        log.error("another process's row has this daemon's name; claiming nothing",
+                  owner=ctx.owner)  # fmt: skip
         return False
     if not renewed:
         beat.failed("the daemon's row says it stopped")
@@ -65,11 +70,10 @@ def heartbeat_once(ctx: DutyContext) -> Liveness | None:
         with ctx.store.write() as conn:
             renewed = daemons.renew_heartbeat(conn, ctx.owner, now)
             if not renewed and not daemons.daemon_rows(conn, [ctx.owner]):
-                daemons.register_daemon(
+                renewed = daemons.register_daemon(
                     conn, daemon_id=ctx.owner, host=socket.gethostname(), pid=os.getpid(),
                     version=__version__, now=now,
                 )  # fmt: skip
-                renewed = True
             liveness = judge(conn, me=ctx.owner, now=now, timeout=ctx.settings.daemon_timeout)
     except Exception as exc:
         if beat.refused is None:

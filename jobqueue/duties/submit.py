@@ -139,7 +139,8 @@ def _renew_for_call(ctx: DutyContext, lease: Lease) -> Lease | None:
     """Renew `lease` right before a remote call that creates something, to outlive the longest
     that call can take (and `lease_seconds`); the renewed lease, or None when it was lost or
     would not outlive the call (the call must not start)."""
-    bound = ctx.provider.max_call_seconds
+    # (A provider of the embedding program's that predates the attribute has no bound.)
+    bound = float(getattr(ctx.provider, "max_call_seconds", 0.0))
     now = ctx.clock()
     until = now + max(ctx.settings.lease_seconds, bound + _CALL_MARGIN)
     with ctx.store.write() as conn:

@@ -72,12 +72,13 @@ def hooks_owner(daemon_id: str) -> str:
 
 def register_daemon(
     conn: Connection, *, daemon_id: str, host: str, pid: int, version: str, now: float
-) -> None:
+) -> bool:
     """Add a daemon's row, its heartbeat at `now`. A row of that id already there is left as
-    it is (a stopped one stays stopped)."""
-    exists = conn.execute(select(D.c.id).where(D.c.id == daemon_id)).first()
-    if exists is not None:
-        return
+    it is (a stopped one stays stopped). True when the row is ours: added now, or there with
+    our host and pid; False when another process's row has that id."""
+    found = conn.execute(select(D.c.host, D.c.pid).where(D.c.id == daemon_id)).first()
+    if found is not None:
+        return (found.host, found.pid) == (host[:255], pid)
     conn.execute(
         insert(D).values(
             id=daemon_id,
@@ -89,6 +90,7 @@ def register_daemon(
             stopped_at=None,
         )
     )
+    return True
 
 
 def renew_heartbeat(conn: Connection, daemon_id: str, now: float) -> bool:

@@ -180,7 +180,7 @@ def test_a_daemon_whose_heartbeat_cannot_be_renewed_claims_nothing(world: World)
 def test_a_heartbeat_not_renewed_for_the_timeout_stops_the_claims(world: World) -> None:
     ctx = _daemon(world, "daemon-1")
     batch_id = _one_batch(world)
-    world.clock.advance(world.settings.daemon_timeout)  # no renewal since: others count it dead
+    world.clock.advance(world.settings.daemon_timeout / 2)  # no renewal since: stale
     assert not ctx.may_claim()
     assert submit_once(ctx) == 0 and collect_once(ctx) == 0
     assert world.row(batch_id).status == "queued"
@@ -197,6 +197,15 @@ def test_a_daemon_whose_row_says_stopped_claims_nothing(world: World) -> None:
     assert ctx.heartbeat is not None and "stopped" in (ctx.heartbeat.refused or "")
     assert submit_once(ctx) == 0 and world.row(batch_id).status == "queued"
     assert not register(ctx)  # registering again does not undo the stop
+
+
+def test_a_row_of_another_process_with_our_name_stops_the_claims(world: World) -> None:
+    ctx = world.ctx("daemon-1")
+    world.register("daemon-1")  # someone else's row (another host and pid) has our name
+    assert not register(ctx) and not ctx.may_claim()
+    assert ctx.heartbeat is not None and "another process" in (ctx.heartbeat.refused or "")
+    _one_batch(world)
+    assert submit_once(ctx) == 0
 
 
 def test_a_forgotten_row_is_registered_again(world: World) -> None:

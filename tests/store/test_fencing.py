@@ -301,15 +301,15 @@ def rows_of(store: Store, *ids: str) -> dict[str, Row]:
         return {r.id: r for r in daemons.daemon_rows(conn, ids or None)}
 
 
-def register(store: Store, daemon_id: str, now: float = NOW) -> None:
+def register(store: Store, daemon_id: str, now: float = NOW, pid: int = 42) -> bool:
     with store.write() as conn:
-        daemons.register_daemon(
-            conn, daemon_id=daemon_id, host="h1", pid=42, version="1.0", now=now
+        return daemons.register_daemon(
+            conn, daemon_id=daemon_id, host="h1", pid=pid, version="1.0", now=now
         )
 
 
 def test_register_heartbeat_and_stop(store: Store) -> None:
-    register(store, "h1:42:aaaaaa")
+    assert register(store, "h1:42:aaaaaa")
     (row,) = rows_of(store).values()
     assert (row.id, row.host, row.pid, row.version) == ("h1:42:aaaaaa", "h1", 42, "1.0")
     assert (row.started_at, row.heartbeat_at, row.stopped_at) == (NOW, NOW, None)
@@ -322,7 +322,8 @@ def test_register_heartbeat_and_stop(store: Store) -> None:
         assert not daemons.mark_daemon_stopped(conn, "h1:42:aaaaaa", NOW + 7)
         # A stopped daemon's heartbeat is refused: it stays stopped, even if registered again.
         assert not daemons.renew_heartbeat(conn, "h1:42:aaaaaa", NOW + 8)
-    register(store, "h1:42:aaaaaa", NOW + 9)
+    assert register(store, "h1:42:aaaaaa", NOW + 9)  # ours, still
+    assert not register(store, "h1:42:aaaaaa", NOW + 9, pid=43)  # another process's name
     row = rows_of(store)["h1:42:aaaaaa"]
     assert (row.heartbeat_at, row.stopped_at, row.started_at) == (NOW + 5, NOW + 6, NOW)
 
