@@ -25,8 +25,9 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from jobqueue.duties.collect import collect_once
-from jobqueue.duties.context import DutyContext, make_owner
+from jobqueue.duties.context import DutyContext, Heartbeat, make_owner
 from jobqueue.duties.expire import expire_once
+from jobqueue.duties.heartbeat import heartbeat_once, mark_stopped, register
 from jobqueue.duties.reconcile import reconcile_once
 from jobqueue.duties.retry import retry_once
 from jobqueue.duties.submit import submit_once
@@ -46,7 +47,7 @@ from jobqueue.store.coordination import (
     SqliteDaemonLock,
     hold_sqlite_daemon_lock,
 )
-from jobqueue.store.daemons import ping, start_cursors_at_open_jobs
+from jobqueue.store.daemons import daemon_of_owner, hooks_owner, ping, start_cursors_at_open_jobs
 
 __all__ = ["LEADER_DUTIES", "Daemon", "DaemonAlreadyRunning", "Duty"]
 
@@ -135,6 +136,9 @@ class Daemon:
         self.dispatcher: Dispatcher | None = None
         self._dispatch_stop = threading.Event()
         self._dispatch_thread: threading.Thread | None = None
+        # Lease owner names of the daemons known dead, as of our last heartbeat: their hook
+        # lanes are taken over at once.
+        self._dead_owners: frozenset[str] = frozenset()
         # Several daemons: who leads, wake-ups from the others, SQLite's one-daemon lock.
         self.leadership = Leadership(store, on_change=self._on_leadership)
         self.listener = Listener(store, self._on_notified, self.wake_all)
@@ -162,6 +166,10 @@ class Daemon:
             return
         self.hold_database()
         self._ran = True
+        # Registered, with a first heartbeat, before anything is claimed.
+        self.ctx.heartbeat = Heartbeat(self.settings.daemon_timeout)
+        register(self.ctx)
+        self.heartbeat()
         self.leadership.start()
         self.listener.start()
         # Ready means listening: what is submitted from now on wakes us at once. A database
@@ -169,7 +177,7 @@ class Daemon:
         if self.store.dialect == "postgresql":
             self.listener.wait_listening(5.0)
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(len(self.duties) + 2)},
+            executors={"default": ThreadPoolExecutor(len(self.duties) + 3)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
             logger=_scheduler_logger,
@@ -180,6 +188,10 @@ class Daemon:
                 self._run_duty, "interval", seconds=duty.interval, args=[duty.name],
                 id=duty.name, name=duty.name, next_run_time=now,
             )  # fmt: skip
+        scheduler.add_job(
+            self.heartbeat, "interval", seconds=self.settings.heartbeat_interval,
+            id="heartbeat", name="heartbeat",
+        )  # fmt: skip
         interval = watchdog_interval()
         if interval:
             scheduler.add_job(
@@ -213,6 +225,11 @@ class Daemon:
                 self.log.info("released leases", count=released)
         except Exception as exc:  # the database may be what failed; nothing more to do
             self.log.warning("could not release leases", error=str(exc))
+        if self.ctx.heartbeat is not None:
+            try:
+                mark_stopped(self.ctx)
+            except Exception as exc:  # its heartbeat goes stale instead
+                self.log.warning("could not mark the daemon stopped", error=str(exc))
         if self._own_provider:
             self.provider.close()
         self._release_database()
@@ -310,7 +327,33 @@ class Daemon:
         if not self.sinks:
             return None
         self._start_config_cursors()
-        return Dispatcher(self.store, self.sinks, f"{self.owner}/hooks", clock=self.ctx.clock)
+        return Dispatcher(
+            self.store, self.sinks, hooks_owner(self.owner), clock=self.ctx.clock,
+            free_owners=lambda: self._dead_owners, may_claim=self.ctx.may_claim,
+        )  # fmt: skip
+
+    # -- heartbeat ------------------------------------------------------------------------------
+
+    def heartbeat(self) -> bool:
+        """Renew our heartbeat and look at the other daemons: the hook lanes of those found
+        dead are taken over at once. False when the heartbeat could not be renewed (nothing
+        is claimed until it can)."""
+        try:
+            liveness = heartbeat_once(self.ctx)
+        except Exception:  # a scheduler job must not die of it; the next beat tries again
+            self.log.exception("heartbeat failed")
+            return False
+        if liveness is None:
+            return False
+        dead = frozenset(name for d in liveness.dead for name in (d, hooks_owner(d)))
+        newly_dead = dead - self._dead_owners
+        self._dead_owners = dead
+        if newly_dead:
+            found = sorted({daemon_of_owner(name) for name in newly_dead})
+            self.log.info("daemons found dead or stopped", daemons=found)
+            if self.dispatcher is not None:
+                self.dispatcher.wake()
+        return True
 
     def _start_config_cursors(self) -> None:
         """A config hook seen for the first time starts with the events of the jobs still
