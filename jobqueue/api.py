@@ -420,6 +420,7 @@ class JobQueue:
     ) -> None:
         """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt); with
         `listen` (HOST:PORT), serve OpenAI webhooks, /healthz and /metrics there meanwhile.
+
         A bad or busy address, a missing API key or a hook that cannot run is refused with a
         `ConfigError` (one line) before any work starts; on SQLite, another daemon running on
         the database file with `DaemonAlreadyRunning`, before anything listens."""

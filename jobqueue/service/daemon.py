@@ -294,8 +294,7 @@ class Daemon:
             lock.release()
 
     def _on_leadership(self, leading: bool) -> None:
-        self.log.info("leader" if leading else "follower")
-        if leading:
+        if leading:  # what the last leader left undone, at once
             for name in LEADER_DUTIES:
                 self.wake(name)
 
