@@ -48,18 +48,26 @@ def test_what_an_unreported_request_counts_as() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cancel", "deadline", "succeeded", "statuses", "expected"),
+    ("cancel", "deadline", "succeeded", "statuses", "cut_short", "expected"),
     [
-        (True, NOW - 1, 5, ["completed"], JobStatus.CANCELLED),  # the user's cancel wins
-        (False, NOW, 5, ["completed"], JobStatus.EXPIRED),
-        (False, None, 0, ["failed", "failed"], JobStatus.FAILED),  # nothing ran
-        (False, None, 1, ["failed", "completed"], JobStatus.COMPLETED),
-        (False, None, 0, ["failed", "expired"], JobStatus.COMPLETED),  # some of it ran
-        (False, NOW + 1, 0, [], JobStatus.COMPLETED),  # an empty job
+        (True, NOW - 1, 5, ["cancelled"], 3, JobStatus.CANCELLED),  # the user's cancel wins
+        # A cancel that came after every request had its outcome changed nothing.
+        (True, None, 5, ["completed"], 0, JobStatus.COMPLETED),
+        (True, None, 0, ["failed", "failed"], 0, JobStatus.FAILED),
+        (False, NOW, 5, ["completed"], 0, JobStatus.EXPIRED),
+        (False, None, 0, ["failed", "failed"], 0, JobStatus.FAILED),  # nothing ran
+        (False, None, 1, ["failed", "completed"], 0, JobStatus.COMPLETED),
+        (False, None, 0, ["failed", "expired"], 0, JobStatus.COMPLETED),  # some of it ran
+        (False, NOW + 1, 0, [], 0, JobStatus.COMPLETED),  # an empty job
     ],
 )
 def test_job_end_status(
-    cancel: bool, deadline: float | None, succeeded: int, statuses: list[str], expected: JobStatus
+    cancel: bool,
+    deadline: float | None,
+    succeeded: int,
+    statuses: list[str],
+    cut_short: int,
+    expected: JobStatus,
 ) -> None:
     got = job_end_status(
         cancel_requested=cancel,
@@ -67,6 +75,7 @@ def test_job_end_status(
         now=NOW,
         requests_succeeded=succeeded,
         batch_statuses=iter(statuses),
+        requests_cancelled=cut_short,
     )
     assert got == expected
 

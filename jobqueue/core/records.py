@@ -127,10 +127,39 @@ class Job:
     deadline_at: datetime | None
     purged_at: datetime | None = None
     batches: tuple[Batch, ...] = ()
+    # Given at submit (`--name`); the job can be found by it.
+    name: str | None = None
+    # Why the open job is not moving (a key refused, the remote down), its kind, and since when.
+    problem: str | None = None
+    problem_kind: str | None = None
+    problem_at: datetime | None = None
+    # The job whose failed requests this one retries.
+    retry_of: str | None = None
+    # The shortest unique form of the id to show and type (set by `JobQueue.get` and `jobs`).
+    short_id: str | None = None
 
     @property
     def done(self) -> bool:
         return self.status in ("completed", "failed", "cancelled", "expired")
+
+    @property
+    def needs_operator(self) -> bool:
+        """The job's problem does not pass by itself (a key, a permission, a quota)."""
+        from jobqueue.core.problems import NEEDS_OPERATOR
+
+        return not self.done and self.problem_kind in NEEDS_OPERATOR
+
+    @property
+    def remote_counts(self) -> RequestCounts:
+        """Requests the remote has finished, as its batches report them: the final outcomes
+        collected so far, plus what the remote counts done in batches not collected yet.
+        Ahead of `request_counts`, which counts only collected outcomes."""
+        completed, failed = self.request_counts.completed, self.request_counts.failed
+        for batch in self.batches:
+            if batch.times.get("collected_at") is None:
+                completed += batch.request_counts.completed
+                failed += batch.request_counts.failed
+        return RequestCounts(self.request_counts.total, completed, failed)
 
     @classmethod
     def from_row(cls, row: Any, batches: list[Any] | None = None) -> Job:
@@ -154,12 +183,23 @@ class Job:
             deadline_at=_dt(row.deadline_at),
             purged_at=_dt(row.purged_at),
             batches=tuple(Batch.from_row(b) for b in batches or ()),
+            name=row.name,
+            problem=row.problem,
+            problem_kind=row.problem_kind,
+            problem_at=_dt(row.problem_at),
+            retry_of=row.retry_of,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "short_id": self.short_id,
+            "name": self.name,
             "status": self.status,
+            "problem": self.problem,
+            "problem_kind": self.problem_kind,
+            "problem_at": _iso(self.problem_at),
+            "retry_of": self.retry_of,
             "endpoint": self.endpoint,
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import time
 
+from jobqueue.core.problems import Problem, ProblemSource
+from jobqueue.duties import problems
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import observe, observe_many
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import NotFoundError, PermanentRemoteError, RemoteBatch, RemoteError
 from jobqueue.store import Row
+from jobqueue.store.problems import jobs_with_problem
 
 log = get_logger("jobqueue.reconcile")
 PAGE_SIZE = 100
@@ -28,7 +31,9 @@ def reconcile_once(ctx: DutyContext) -> int:
     with ctx.store.read() as conn:
         rows = ctx.store.open_remote_batches(conn)
     if rows:
-        moved += observe_many(ctx, refresh(ctx, rows))
+        failures: dict[str, Problem] = {}
+        moved += observe_many(ctx, refresh(ctx, rows, failures))
+        _record_problems(ctx, rows, failures)
     ctx.count("reconcile_cycles")
     ctx.count("reconcile_seconds", time.perf_counter() - started)
     ctx.stats["last_cycle_calls"] = ctx.stats.get("reconcile_calls", 0) - calls_before
@@ -36,10 +41,29 @@ def reconcile_once(ctx: DutyContext) -> int:
     return moved
 
 
-def refresh(ctx: DutyContext, rows: list[Row]) -> list[tuple[Row, RemoteBatch]]:
-    """The remote object of each row, by single retrieves or by walking list pages."""
+def _record_problems(ctx: DutyContext, rows: list[Row], failures: dict[str, Problem]) -> None:
+    """A job with a batch that could not be refreshed has a problem; one whose batches all were
+    refreshed has none left from refreshing (a submit problem stays)."""
+    for job_id, problem in failures.items():
+        problems.report(ctx, job_id, problem, ProblemSource.REFRESH)
+    with ctx.store.read() as conn:
+        had = jobs_with_problem(conn, ProblemSource.REFRESH)
+    fine = {row.job_id for row in rows} - set(failures)
+    if had & fine:
+        with ctx.store.write() as conn:
+            problems.clear(ctx, conn, sorted(had & fine), ProblemSource.REFRESH)
+
+
+def refresh(
+    ctx: DutyContext, rows: list[Row], failures: dict[str, Problem] | None = None
+) -> list[tuple[Row, RemoteBatch]]:
+    """The remote object of each row, by single retrieves or by walking list pages. A row that
+    could not be refreshed puts its problem in `failures`, by job id."""
+    failures = {} if failures is None else failures
     if len(rows) <= ctx.settings.list_threshold:
-        return [(row, remote) for row in rows if (remote := _retrieve(ctx, row)) is not None]
+        return [
+            (row, remote) for row in rows if (remote := _retrieve(ctx, row, failures)) is not None
+        ]
     wanted = {row.remote_id: row for row in rows}
     found: dict[str, RemoteBatch] = {}
     oldest = min((row.validating_at or row.created_at) for row in rows) - _CLOCK_SLACK
@@ -48,7 +72,7 @@ def refresh(ctx: DutyContext, rows: list[Row]) -> list[tuple[Row, RemoteBatch]]:
         try:
             page = ctx.provider.list_batches(after=after, limit=PAGE_SIZE)
         except RemoteError as exc:
-            log.warning("listing batches failed; retrieving one by one", error=str(exc))
+            log.debug("listing batches failed; retrieving one by one", error=str(exc))
             break
         finally:
             ctx.count("reconcile_calls")
@@ -62,20 +86,21 @@ def refresh(ctx: DutyContext, rows: list[Row]) -> list[tuple[Row, RemoteBatch]]:
         after = page.last_id
     out: list[tuple[Row, RemoteBatch]] = []
     for row in rows:  # keep nearest-deadline-first order
-        remote = found.get(row.remote_id) or _retrieve(ctx, row)
+        remote = found.get(row.remote_id) or _retrieve(ctx, row, failures)
         if remote is not None:
             out.append((row, remote))
     return out
 
 
-def _retrieve(ctx: DutyContext, row: Row) -> RemoteBatch | None:
+def _retrieve(ctx: DutyContext, row: Row, failures: dict[str, Problem]) -> RemoteBatch | None:
     ctx.count("reconcile_calls")
     try:
         return ctx.provider.retrieve_batch(row.remote_id)
-    except NotFoundError:
-        log.error("remote batch not found", batch_id=row.id, remote_id=row.remote_id)
     except RemoteError as exc:
-        log.warning("refresh failed", batch_id=row.id, remote_id=row.remote_id, error=str(exc))
+        # Logged once, as the job's problem (see `problems.report`), not once a cycle.
+        what = "remote batch not found" if isinstance(exc, NotFoundError) else "refresh failed"
+        log.debug(what, batch_id=row.id, remote_id=row.remote_id, error=str(exc))
+        failures.setdefault(row.job_id, problems.problem_of(exc, "refresh"))
     return None
 
 

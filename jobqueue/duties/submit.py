@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobqueue.core.backoff import backoff
+from jobqueue.core.problems import ProblemSource
 from jobqueue.core.states import BatchStatus
+from jobqueue.duties import problems
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import adopt_remote
 from jobqueue.duties.owners import dead_local_owners
@@ -87,7 +89,11 @@ def recover_submitting(ctx: DutyContext) -> int:
                 METADATA_KEY, row.id, created_after=int((row.submitting_at or now) - _CLOCK_SLACK)
             )
         except RemoteError as exc:
-            log.warning("recovery lookup failed", batch_id=row.id, error=str(exc))
+            log.debug("recovery lookup failed", batch_id=row.id, error=str(exc))
+            problems.report(
+                ctx, row.job_id, problems.problem_of(exc, "submit"), ProblemSource.SUBMIT,
+                batch_id=row.id,
+            )  # fmt: skip
             ctx.store.release_lease(row.id)
             continue
         if found is not None:
@@ -131,8 +137,9 @@ def submit_batch(ctx: DutyContext, row: Row) -> int:
     except TransientRemoteError as exc:
         if exc.maybe_created:
             return _after_ambiguous_create(ctx, row, exc)
-        bound.warning("submission failed, will retry", error=str(exc))
+        bound.debug("submission failed, will retry", error=str(exc))
         _requeue(ctx, row, str(exc), backoff(row.submit_attempts, base=5.0, cap=600.0))
+        _report(ctx, row, exc)
         return 1
     except NotFoundError as exc:
         # The uploaded input file is gone (expired or deleted): upload it again next time.
@@ -145,11 +152,13 @@ def submit_batch(ctx: DutyContext, row: Row) -> int:
         if exc.status in (401, 403):
             # A key or permission problem is the operator's to fix; failing every batch of
             # every job for it would throw the work away.
-            bound.error("remote refused our credentials; batch stays queued", error=str(exc))
+            bound.debug("remote refused our credentials; batch stays queued", error=str(exc))
             _requeue(ctx, row, str(exc), backoff(row.submit_attempts, base=30.0, cap=900.0))
+            _report(ctx, row, exc)
             return 1
         bound.error("remote refused the batch", error=str(exc))
         _fail(ctx, row, exc)
+        _report(ctx, row, exc)
         return 1
     except OSError as exc:
         bound.error("cannot read the shard", error=str(exc))
@@ -171,11 +180,18 @@ def _after_ambiguous_create(ctx: DutyContext, row: Row, exc: RemoteError) -> int
     if found is not None:
         adopt_remote(ctx, row, found)
         return 1
+    _report(ctx, row, exc)
     # Not visible (yet): keep the batch in `submitting` with a short lease; recovery looks again
     # once it runs out, and only then requeues.
     with ctx.store.write() as conn:
         batches.mark_create_uncertain(conn, row.id, error=str(exc), lease_until=ctx.clock() + 30.0)
     return 1
+
+
+def _report(ctx: DutyContext, row: Row, exc: RemoteError) -> None:
+    """The job of `row` has a problem: its batch cannot be submitted (logged once)."""
+    problem = problems.problem_of(exc, "submit")
+    problems.report(ctx, row.job_id, problem, ProblemSource.SUBMIT, batch_id=row.id)
 
 
 def _requeue(ctx: DutyContext, row: Row, error: str, delay: float) -> None:
