@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -19,14 +19,16 @@ import orjson
 
 from jobqueue.core.durations import parse_duration
 from jobqueue.core.ids import new_id
-from jobqueue.core.records import Event, Job
+from jobqueue.core.records import Delivery, Event, Job
 from jobqueue.files import inputs
 from jobqueue.files.sharing import share_with_group
 from jobqueue.logs import get_logger
 from jobqueue.settings import Settings, load_settings
 from jobqueue.store import Store, outbox
+from jobqueue.store import StoreError as StoreError  # re-exported: the CLI catches it
 from jobqueue.store.intake import RequestIndexLoader, batch_number_for
 from jobqueue.store.lifecycle import request_cancel
+from jobqueue.store.metrics import retried_request_count
 from jobqueue.store.results import iter_result_lines, write_result_lines
 
 if TYPE_CHECKING:
@@ -52,6 +54,11 @@ class JobQueueError(Exception):
 class JobNotFound(JobQueueError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id!r}")
+
+
+class EventNotFound(JobQueueError):
+    def __init__(self, event_id: str) -> None:
+        super().__init__(f"no event {event_id!r}")
 
 
 class InvalidOptions(JobQueueError):
@@ -273,6 +280,62 @@ class JobQueue:
                 for r in self.store.events(conn, job_id, after_seq=after, limit=limit)
             ]
 
+    def retried_requests(self, job_id: str) -> int:
+        """How many of the job's requests needed more than one attempt."""
+        with self.store.read() as conn:
+            return retried_request_count(conn, self.job_row(conn, job_id).id)
+
+    # -- hook deliveries --------------------------------------------------------------------
+
+    def deliveries(self, seqs: Iterable[int]) -> dict[int, list[Delivery]]:
+        """The hook deliveries of the events with these sequence numbers, by event seq."""
+        wanted = list(seqs)
+        if not wanted:
+            return {}
+        with self.store.read() as conn:
+            return outbox.deliveries_by_seq(conn, wanted)
+
+    def dead_deliveries(
+        self, job_id: str | None = None, *, limit: int | None = None
+    ) -> list[Delivery]:
+        """Dead-lettered hook deliveries (every attempt failed), of one job or all."""
+        with self.store.read() as conn:
+            if job_id is not None:
+                job_id = self.job_row(conn, job_id).id
+            return outbox.dead_deliveries(conn, job_id, limit=limit)
+
+    def redeliver(self, event_id: str, sink: str | None = None) -> int:
+        """Queue an event's dead or delivered hook deliveries again (only to `sink`, if given);
+        return how many. Pending ones are left alone: they are still being tried."""
+        with self.store.write() as conn:
+            if outbox.find_event(conn, event_id) is None:
+                raise EventNotFound(event_id)
+            return outbox.redeliver(conn, event_id, sink, time.time())
+
+    # -- the database schema ----------------------------------------------------------------
+
+    def upgrade_database(self) -> str | None:
+        """Bring the schema up to date; return the revision it is at."""
+        from jobqueue.store.migrate import current_revision, upgrade
+
+        upgrade(self.store)
+        return current_revision(self.store)
+
+    @staticmethod
+    def schema_revisions(
+        config: str | Path | None = None, **overrides: Any
+    ) -> tuple[str | None, str | None]:
+        """(the database's schema revision, the code's), without upgrading the database: the
+        database and settings are those `JobQueue(config=config, **overrides)` would open."""
+        from jobqueue.store.migrate import current_revision, head_revision
+
+        settings = load_settings(config, **overrides)
+        store = Store(settings.effective_database_url, migrate=False)
+        try:
+            return current_revision(store), head_revision()
+        finally:
+            store.close()
+
     # -- running the duties -----------------------------------------------------------------
 
     def start(self, *, provider: Provider | None = None) -> None:
@@ -320,14 +383,40 @@ class JobQueue:
         if daemon is not None:
             daemon.stop()
 
-    def run(self, stop: threading.Event | None = None, *, provider: Provider | None = None) -> None:
-        """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt)."""
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        provider: Provider | None = None,
+        listen: str | None = None,
+    ) -> None:
+        """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt); with
+        `listen` (HOST:PORT), serve OpenAI webhooks, /healthz and /metrics there meanwhile."""
+        from jobqueue.service.daemon import Daemon
+
+        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        server = None
+        if listen:
+            from jobqueue.service.server import serve_in_background
+
+            server = serve_in_background(daemon, listen)
+        try:
+            daemon.run_forever(stop or threading.Event())
+        except KeyboardInterrupt:
+            daemon.stop()
+        finally:
+            if server is not None:
+                server.stop()
+
+    def run_once(self, *, provider: Provider | None = None) -> int:
+        """Run the duties in this thread until a whole round moves nothing (hook deliveries due
+        now included); return how many steps were taken."""
         from jobqueue.service.daemon import Daemon
 
         daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
         try:
-            daemon.run_forever(stop or threading.Event())
-        except KeyboardInterrupt:
+            return daemon.run_once()
+        finally:
             daemon.stop()
 
     @property

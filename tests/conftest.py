@@ -9,6 +9,7 @@ server the PostgreSQL cases skip with the reason; when the variable is set expli
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,10 +84,25 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
-@pytest.fixture
-def store(db_url: str) -> Iterator:
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated once a run: a test's SQLite store starts as a copy of it
+    (running the migrations is most of what opening a fresh store costs)."""
     from jobqueue.store import Store
 
+    path = tmp_path_factory.mktemp("template") / "jobqueue.db"
+    Store(f"sqlite:///{path}").close()
+    assert not path.with_name(path.name + "-wal").exists()  # all of it is in the one file
+    return path
+
+
+@pytest.fixture
+def store(db_url: str, request: pytest.FixtureRequest) -> Iterator:
+    from jobqueue.store import Store
+
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), url.database or "")
     s = Store(db_url)
     yield s
     s.close()

@@ -1,5 +1,9 @@
 """A job runs end to end through the daemon against the emulator on a real loopback port,
-on SQLite and on PostgreSQL."""
+on SQLite and on PostgreSQL.
+
+The remote does not promise any order of output lines: the tests that use the `emulator`
+fixture run with the emulator's output in input order and shuffled, and the others with it
+shuffled, so results coming back in input order is jobqueue's own doing."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 from jobqueue.api import JobQueue
 from jobqueue.cli.app import main
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
+from jobqueue.tokens import input_tokens
 from tests.daemon_helpers import (
     API_KEY,
     content_of,
@@ -19,14 +24,16 @@ from tests.daemon_helpers import (
     remote_batches_per_local_id,
     wait_until,
 )
-from tests.factories import chat_file, write_jsonl
+from tests.factories import chat_file, chat_line, write_jsonl
 
 ENDPOINT = "/v1/chat/completions"
 
 
-@pytest.fixture
-def emulator() -> Iterator:
-    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=3, api_key=API_KEY)) as em:
+@pytest.fixture(params=["ordered", "shuffled"])
+def emulator(request: pytest.FixtureRequest) -> Iterator:
+    shuffle = request.param == "shuffled"
+    config = EmulatorConfig(time_scale=3600, seed=3, api_key=API_KEY, shuffle_output=shuffle)
+    with serve_in_thread(config) as em:
         yield em
 
 
@@ -116,7 +123,9 @@ def test_cancel_before_submission_never_reaches_the_remote(
 
 
 def test_cancel_after_submission_reaches_the_remote(db_url: str, tmp_path: Path) -> None:
-    slow = EmulatorConfig(time_scale=3600, seed=4, api_key=API_KEY, requests_per_minute=2.0)
+    slow = EmulatorConfig(
+        time_scale=3600, shuffle_output=True, seed=4, api_key=API_KEY, requests_per_minute=2.0
+    )
     with serve_in_thread(slow) as em:
         jq = make_queue(db_url, tmp_path / "data", em.base_url)
         try:
@@ -152,10 +161,13 @@ def test_validation_failure_fails_the_job_with_the_reason(
 
 
 def test_token_limit_requeues_instead_of_failing(db_url: str, tmp_path: Path) -> None:
-    # Room for one shard's tokens at a time: the second is refused while the first runs.
+    # Room for one shard's tokens at a time: the second is refused while the first runs. The
+    # emulator counts a request's tokens as jobqueue.tokens estimates them.
+    shards = [sum(input_tokens(ENDPOINT, chat_line(i)["body"]) for i in range(start, start + 200))
+              for start in (0, 200)]  # fmt: skip
     config = EmulatorConfig(
-        time_scale=3600, seed=5, api_key=API_KEY, enqueued_token_limit=10_000,
-        requests_per_minute=2.0,
+        time_scale=3600, seed=5, api_key=API_KEY, enqueued_token_limit=max(shards) * 3 // 2,
+        requests_per_minute=2.0, shuffle_output=True,
     )  # fmt: skip
     with serve_in_thread(config) as em:
         jq = make_queue(db_url, tmp_path / "data", em.base_url)
@@ -183,7 +195,9 @@ def test_fault_storm_changes_nothing_in_the_results(db_url: str, tmp_path: Path)
         ("storm", {"fault_500": 0.15, "fault_429": 0.15, "fault_drop": 0.1,
                    "fault_cut_download": 0.4}),
     ]:  # fmt: skip
-        with serve_in_thread(EmulatorConfig(time_scale=3600, seed=6, api_key=API_KEY)) as em:
+        with serve_in_thread(
+            EmulatorConfig(time_scale=3600, shuffle_output=True, seed=6, api_key=API_KEY)
+        ) as em:
             em.emulator.set_faults(**faults)
             url = db_url if name == "storm" else f"sqlite:///{tmp_path / 'calm.db'}"
             jq = make_queue(url, tmp_path / name, em.base_url, max_retries=8)
@@ -216,7 +230,7 @@ def test_lost_create_answer_is_adopted_not_duplicated(
 
 
 def test_many_open_batches_are_refreshed_by_list_pages(db_url: str, tmp_path: Path) -> None:
-    config = EmulatorConfig(time_scale=3600, seed=8, api_key=API_KEY)
+    config = EmulatorConfig(time_scale=3600, shuffle_output=True, seed=8, api_key=API_KEY)
     with serve_in_thread(config) as em:
         jq = make_queue(db_url, tmp_path / "data", em.base_url, list_threshold=0)
         try:
@@ -230,7 +244,9 @@ def test_many_open_batches_are_refreshed_by_list_pages(db_url: str, tmp_path: Pa
 
 
 def test_attempts_run_out_and_failures_are_final(db_url: str, tmp_path: Path) -> None:
-    config = EmulatorConfig(time_scale=3600, seed=9, api_key=API_KEY, request_failure_rate=0.5)
+    config = EmulatorConfig(
+        time_scale=3600, shuffle_output=True, seed=9, api_key=API_KEY, request_failure_rate=0.5
+    )
     with serve_in_thread(config) as em:
         jq = make_queue(db_url, tmp_path / "data", em.base_url, max_attempts=2)
         try:
@@ -249,7 +265,9 @@ def test_attempts_run_out_and_failures_are_final(db_url: str, tmp_path: Path) ->
 
 
 def test_deadline_ends_the_job_expired(db_url: str, tmp_path: Path) -> None:
-    slow = EmulatorConfig(time_scale=3600, seed=10, api_key=API_KEY, requests_per_minute=1.0)
+    slow = EmulatorConfig(
+        time_scale=3600, shuffle_output=True, seed=10, api_key=API_KEY, requests_per_minute=1.0
+    )
     with serve_in_thread(slow) as em:
         jq = make_queue(db_url, tmp_path / "data", em.base_url)
         try:
@@ -265,7 +283,9 @@ def test_deadline_ends_the_job_expired(db_url: str, tmp_path: Path) -> None:
 
 
 def test_stuck_batch_raises_an_event_once(db_url: str, tmp_path: Path) -> None:
-    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=11, api_key=API_KEY)) as em:
+    with serve_in_thread(
+        EmulatorConfig(time_scale=3600, shuffle_output=True, seed=11, api_key=API_KEY)
+    ) as em:
         em.emulator.script_next(stick_in="finalizing")
         # The remote's times are whole seconds, so a batch can look up to a second older than
         # it is: stuck_after stays well above that, or a batch passing through `validating`
@@ -298,7 +318,9 @@ def test_mixed_models_and_embeddings(queue: JobQueue, tmp_path: Path) -> None:
 
 
 def test_cancel_reaches_the_remote_without_a_daemon(db_url: str, tmp_path: Path) -> None:
-    slow = EmulatorConfig(time_scale=3600, seed=14, api_key=API_KEY, requests_per_minute=0.5)
+    slow = EmulatorConfig(
+        time_scale=3600, shuffle_output=True, seed=14, api_key=API_KEY, requests_per_minute=0.5
+    )
     with serve_in_thread(slow) as em:
         jq = make_queue(db_url, tmp_path / "data", em.base_url)
         try:
@@ -317,7 +339,9 @@ def test_local_files_are_purged_after_the_retention(db_url: str, tmp_path: Path)
     from jobqueue.api import JobQueueError
     from jobqueue.duties.expire import purge_old_files
 
-    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=15, api_key=API_KEY)) as em:
+    with serve_in_thread(
+        EmulatorConfig(time_scale=3600, shuffle_output=True, seed=15, api_key=API_KEY)
+    ) as em:
         jq = make_queue(db_url, tmp_path / "data", em.base_url, result_retention=0.5)
         try:
             job = jq.submit(chat_file(tmp_path / "in.jsonl", 20), ENDPOINT)
@@ -344,7 +368,9 @@ def test_local_files_are_purged_after_the_retention(db_url: str, tmp_path: Path)
 
 def test_azure_variant_runs_a_job(db_url: str, tmp_path: Path) -> None:
     """The Azure flavour: `api-key` header, `/openai/v1` base URL, 100,000 requests a file."""
-    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=16, api_key=API_KEY)) as em:
+    with serve_in_thread(
+        EmulatorConfig(time_scale=3600, shuffle_output=True, seed=16, api_key=API_KEY)
+    ) as em:
         jq = make_queue(db_url, tmp_path / "data", f"{em.url}/openai/v1", provider="azure")
         try:
             job = jq.submit(chat_file(tmp_path / "in.jsonl", 30), ENDPOINT,
@@ -359,7 +385,9 @@ def test_azure_variant_runs_a_job(db_url: str, tmp_path: Path) -> None:
 def test_run_once_moves_what_it_can_and_exits(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=17, api_key=API_KEY)) as em:
+    with serve_in_thread(
+        EmulatorConfig(time_scale=3600, shuffle_output=True, seed=17, api_key=API_KEY)
+    ) as em:
         monkeypatch.setenv("JOBQUEUE_BASE_URL", em.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
         args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]

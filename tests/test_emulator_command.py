@@ -40,6 +40,7 @@ def test_help_lists_every_option() -> None:
         "--cancelling-seconds", "--completion-window-seconds", "--enqueued-token-limit",
         "--request-failure-rate", "--fault-500", "--fault-429", "--fault-drop", "--fault-slow",
         "--fault-cut-download", "--webhook-url", "--webhook-secret", "--embedding-dimensions",
+        "--shuffle-output",
     ):  # fmt: skip
         assert flag in result.output, flag
 
@@ -55,6 +56,7 @@ def test_command_serves_the_sdk_batch_example(tmp_path: Path) -> None:
     port = free_port()
     argv = [sys.executable, "-c", CODE, "--port", str(port), "--time-scale", "3600"]
     argv += ["--data-dir", str(tmp_path / "data"), "--log-level", "warning"]
+    argv += ["--shuffle-output", "--seed", "5"]
     child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -82,7 +84,14 @@ def test_command_serves_the_sdk_batch_example(tmp_path: Path) -> None:
         assert batch.status == "completed"
         assert batch.expires_at is not None and batch.expires_at - batch.created_at in (23, 24, 25)
         text = client.files.content(batch.output_file_id or "").text
-        assert len([orjson.loads(x) for x in text.splitlines()]) == 20
+        lines = [orjson.loads(x) for x in text.splitlines()]
+        ids = [x["custom_id"] for x in lines]
+        in_order = [f"req-{i}" for i in range(20)]
+        assert sorted(ids) == sorted(in_order) and ids != in_order  # --shuffle-output
+        assert batch.usage is not None
+        assert batch.usage.input_tokens == sum(
+            x["response"]["body"]["usage"]["prompt_tokens"] for x in lines
+        )
         assert (tmp_path / "data" / "files" / batch_input_file.id).exists()
         client.close()
     finally:

@@ -43,13 +43,13 @@ def test_embeddings_are_deterministic_unit_vectors(manual: Emulator) -> None:
     again = run_one(manual, "/v1/embeddings", bodies)
     plain, small, pair, encoded = first
     vector = plain["data"][0]["embedding"]
-    assert len(vector) == 256  # the configured default
+    assert len(vector) == 1536  # text-embedding-3-small's own size
     assert math.isclose(sum(v * v for v in vector), 1.0, rel_tol=1e-9)
     assert len(small["data"][0]["embedding"]) == 64
     assert [d["index"] for d in pair["data"]] == [0, 1]
     assert pair["data"][0]["embedding"] != pair["data"][1]["embedding"]
     decoded = array("f", base64.b64decode(encoded["data"][0]["embedding"]))
-    assert len(decoded) == 256 and math.isclose(decoded[0], vector[0], rel_tol=1e-6)
+    assert len(decoded) == 1536 and math.isclose(decoded[0], vector[0], rel_tol=1e-6)
     assert plain["object"] == "list" and plain["usage"]["prompt_tokens"] > 0
     assert [b["data"] for b in first] == [b["data"] for b in again]
 
@@ -152,23 +152,29 @@ def test_newer_endpoints_are_accepted(manual: Emulator, endpoint: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "messages"),
+    ("model", "messages", "extra"),
     [
-        ("gpt-4o-mini", [{"role": "user", "content": "plain"}]),
-        ('odd "model" 100%', [{"role": "user", "content": 'quotes " and \\ and é ☃ %s %d'}]),
-        ("m", [{"role": "user", "content": [{"type": "text", "text": "parts"}]}]),
-        ("m", []),
-        (None, "not a list"),
+        ("gpt-4o-mini", [{"role": "user", "content": "plain"}], {}),
+        ('odd "model" 100%', [{"role": "user", "content": 'quotes " and \\ and é ☃ %s %d'}], {}),
+        ("m", [{"role": "user", "content": [{"type": "text", "text": "parts"}]}], {}),
+        ("m", [], {}),
+        (None, "not a list", {}),
+        ("gpt-4o-mini", [{"role": "user", "content": "cut short"}], {"max_tokens": 3}),
+        ("o3-mini", [{"role": "user", "content": "think"}], {}),
+        ("o3-mini", [{"role": "user", "content": "think"}], {"max_completion_tokens": 20}),
+        ("gpt-4o", [{"role": "user", "content": "think"}], {"reasoning_effort": "high"}),
     ],
 )
-def test_chat_fast_path_equals_the_dict_builder(model: Any, messages: Any) -> None:
+def test_chat_fast_path_equals_the_dict_builder(
+    model: Any, messages: Any, extra: dict[str, Any]
+) -> None:
     shared = Shared(created=1700000000, model=model, embedding_dimensions=8)
-    body = {"model": model, "messages": messages}
+    body = {"model": model, "messages": messages, **extra}
     make = fast_line_maker(CHAT, shared)
     assert make is not None
-    line, out_tokens = make(body, "abc00000001", 42, 'custom "id" ✓')
-    built, built_tokens = answerer(CHAT, shared)(body, "abc00000001", 42)
-    assert out_tokens == built_tokens
+    line, out_tokens, reasoning = make(body, "abc00000001", 42, 7, 'custom "id" ✓')
+    built, built_tokens, built_reasoning = answerer(CHAT, shared)(body, "abc00000001", 42, 7)
+    assert (out_tokens, reasoning) == (built_tokens, built_reasoning)
     assert line.endswith(b"\n")
     assert orjson.loads(line) == {
         "id": "batch_req_abc00000001",
@@ -176,3 +182,10 @@ def test_chat_fast_path_equals_the_dict_builder(model: Any, messages: Any) -> No
         "response": {"status_code": 200, "request_id": "req_abc00000001", "body": built},
         "error": None,
     }
+    usage = built["usage"]
+    assert usage["completion_tokens"] == out_tokens
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == reasoning
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 7
+    limit = extra.get("max_tokens", extra.get("max_completion_tokens"))
+    if limit is not None:
+        assert out_tokens <= limit

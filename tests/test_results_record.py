@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from jobqueue.store import results
+from jobqueue.store import outcomes as results
 from jobqueue.store.results import iter_result_lines, record_outcomes, write_result_lines
 from tests.factories import insert_job_with_batch
 

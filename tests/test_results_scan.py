@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from jobqueue.store.results import classify, scan_line, scan_result_file
+from jobqueue.files.results import classify, scan_line, scan_result_file
 
 
 def reference(raw: bytes) -> tuple[str, bool, int | None, str | None] | None:

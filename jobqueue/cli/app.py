@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -16,15 +16,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from jobqueue.api import JobQueue, JobQueueError
-from jobqueue.core.records import Event, Job
+from jobqueue.api import JobQueue, JobQueueError, StoreError
+from jobqueue.core.records import Delivery, Event, Job
 from jobqueue.files.inputs import InputError
 from jobqueue.logs import configure_logging
 from jobqueue.settings import ConfigError
-from jobqueue.store import StoreError
-
-if TYPE_CHECKING:
-    from jobqueue.store.outbox import Delivery
 
 app = typer.Typer(
     name="jobqueue",
@@ -381,7 +377,7 @@ def events(
         _print_dead(queue, job_id, limit, as_json)
         return
     found = queue.events(job_id, after=after, limit=limit)
-    deliveries = _deliveries_of(queue, found)
+    deliveries = queue.deliveries(e.seq for e in found)
     if follow:
         for e in found:
             _print_event_line(e, deliveries.get(e.seq, []), as_json)
@@ -394,15 +390,6 @@ def events(
 
 
 FOLLOW_POLL_SECONDS = 0.5
-
-
-def _deliveries_of(queue: JobQueue, found: list[Event]) -> dict[int, list[Delivery]]:
-    from jobqueue.store import outbox
-
-    if not found:
-        return {}
-    with queue.store.read() as conn:
-        return outbox.deliveries_by_seq(conn, (e.seq for e in found))
 
 
 def _event_json(e: Event, deliveries: list[Delivery]) -> dict[str, Any]:
@@ -475,12 +462,7 @@ def _follow(queue: JobQueue, job_id: str | None, last_seq: int | None, as_json: 
 
 
 def _print_dead(queue: JobQueue, job_id: str | None, limit: int | None, as_json: bool) -> None:
-    from jobqueue.store import outbox
-
-    with queue.store.read() as conn:
-        if job_id is not None:
-            job_id = queue.job_row(conn, job_id).id
-        dead = outbox.dead_deliveries(conn, job_id, limit=limit)
+    dead = queue.dead_deliveries(job_id, limit=limit)
     if as_json:
         _print_json([d.to_dict() for d in dead])
         return
@@ -503,14 +485,7 @@ def _print_dead(queue: JobQueue, job_id: str | None, limit: int | None, as_json:
 
 
 def _redeliver(queue: JobQueue, event_id: str, sink: str | None, as_json: bool) -> None:
-    import time
-
-    from jobqueue.store import outbox
-
-    with queue.store.write() as conn:
-        if outbox.find_event(conn, event_id) is None:
-            raise JobQueueError(f"no event {event_id!r}")
-        count = outbox.redeliver(conn, event_id, sink, time.time())
+    count = queue.redeliver(event_id, sink)
     if as_json:
         _print_json({"event_id": event_id, "sink": sink, "redelivered": count})
         return
@@ -534,28 +509,15 @@ def _redeliver(queue: JobQueue, event_id: str, sink: str | None, as_json: bool) 
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Bring the database schema up to date (jobqueue also does this when it opens one)."""
-    from jobqueue.store.migrate import current_revision, upgrade
-
-    queue = _state(ctx).queue()
-    upgrade(queue.store)
-    stderr.print(f"database at revision {current_revision(queue.store)}")
+    revision = _state(ctx).queue().upgrade_database()
+    stderr.print(f"database at revision {revision}")
 
 
 @db_app.command("current")
 def db_current(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Show the database's schema revision and the code's."""
-    from jobqueue.store import Store
-    from jobqueue.store.migrate import current_revision, head_revision
-
     state = _state(ctx)
-    from jobqueue.settings import load_settings
-
-    settings = load_settings(state.config, **state.overrides)
-    store = Store(settings.effective_database_url, migrate=False)
-    try:
-        current, head = current_revision(store), head_revision()
-    finally:
-        store.close()
+    current, head = JobQueue.schema_revisions(state.config, **state.overrides)
     if as_json:
         _print_json({"current": current, "head": head})
     else:

@@ -13,19 +13,16 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import func, select
 
 from jobqueue.api import JobQueue
 from jobqueue.core.records import Event, Job
 from jobqueue.logs import configure_logging
-from jobqueue.store import job_number_of
-from jobqueue.store.tables import requests_table
 
 out = Console(highlight=False, soft_wrap=True)
 DEMO_KEY = "sk-jobqueue-demo"
@@ -173,11 +170,10 @@ def _print_event(event: Event, labels: dict[str, str], started: float) -> None:
 
 def _summary(
     queue: JobQueue, job: Job, labels: dict[str, str], results_path: Path, seconds: float,
-    overrides: dict,
+    overrides: dict[str, Any],
 ) -> None:  # fmt: skip
     job = queue.get(job.id)
     outcomes: Counter[str] = Counter()
-    retried = 0
     for record in queue.results(job.id):
         if record.get("error"):
             outcomes[record["error"].get("code") or "error"] += 1
@@ -185,15 +181,7 @@ def _summary(
             outcomes[f"http {record['response']['status_code']}"] += 1
         else:
             outcomes["succeeded"] += 1
-    with queue.store.read() as conn:
-        retried = conn.execute(
-            select(func.count())
-            .select_from(requests_table)
-            .where(
-                requests_table.c.job_number == job_number_of(job.id),
-                requests_table.c.attempt > 1,
-            )
-        ).scalar_one()
+    retried = queue.retried_requests(job.id)
     shards = sum(1 for b in job.batches if b.attempt == 1)
     table = Table(title=f"{job.id} {job.status} in {seconds:.1f}s", box=None, show_header=False)
     table.add_column(style="bold")

@@ -52,12 +52,8 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         SIGTERM or SIGINT stops it cleanly: steps in hand finish, leases are released.
         """
         queue: JobQueue = queue_of(ctx)
-        from jobqueue.service.daemon import Daemon
-
-        daemon = Daemon(queue.settings, queue.store)
         if once:
-            moved = daemon.run_once()
-            daemon.stop()
+            moved = queue.run_once()
             stderr.print(f"nothing more to do now ({moved} steps taken)")
             return
         stop = threading.Event()
@@ -68,17 +64,7 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        server = None
-        address = listen or queue.settings.listen
-        if address:
-            from jobqueue.service.server import serve_in_background
-
-            server = serve_in_background(daemon, address)
-        try:
-            daemon.run_forever(stop)
-        finally:
-            if server is not None:
-                server.stop()
+        queue.run(stop, listen=listen or queue.settings.listen)
 
     @app.command()
     def wait(

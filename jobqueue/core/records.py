@@ -258,5 +258,62 @@ class Event:
         }
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """One event's delivery to one sink (`pending`, `delivered` or `dead`), as the CLI and the
+    embedded API show it."""
+
+    id: int
+    event_seq: int
+    event_id: str
+    event_type: str
+    job_id: str | None
+    sink: str
+    status: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    delivered_at: float | None
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: Any) -> Delivery:
+        return cls(
+            id=row.id,
+            event_seq=row.event_seq,
+            event_id=row.event_id,
+            event_type=row.event_type,
+            job_id=row.job_id,
+            sink=row.sink,
+            status=row.status,
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at,
+            last_error=row.last_error,
+            delivered_at=row.delivered_at,
+            updated_at=row.updated_at,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The short form in `jobqueue events --json`."""
+        return {
+            "sink": self.sink,
+            "status": self.status,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "delivered_at": iso(self.delivered_at),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "event_seq": self.event_seq,
+            "event_id": self.event_id,
+            "type": self.event_type,
+            "job_id": self.job_id,
+            **self.summary(),
+            "next_attempt_at": iso(self.next_attempt_at) if self.status == "pending" else None,
+            "updated_at": iso(self.updated_at),
+        }
+
+
 def _iso(value: datetime | None) -> str | None:
     return iso(value.timestamp()) if value is not None else None

@@ -25,7 +25,9 @@ def emulator_command(
     time_scale: Annotated[
         float, typer.Option(help="Speed-up of every duration: 3600 makes 24 h last 24 s.")
     ] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for faults and failures.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for faults, failures and --shuffle-output.")
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Where files live (default: a temporary dir).")
     ] = None,
@@ -69,8 +71,20 @@ def emulator_command(
         str | None, typer.Option(help="Standard Webhooks secret, e.g. whsec_<base64>.")
     ] = None,
     embedding_dimensions: Annotated[
-        int, typer.Option(help="Embedding size when a request gives no `dimensions`.")
-    ] = 256,
+        int | None,
+        typer.Option(
+            help="Embedding size when a request gives no `dimensions` (default: the model's "
+            "own, e.g. 1536 for text-embedding-3-small, 3072 for -3-large)."
+        ),
+    ] = None,
+    shuffle_output: Annotated[
+        bool,
+        typer.Option(
+            "--shuffle-output/--ordered-output",
+            help="Write output lines out of input order (deterministic by --seed), as the "
+            "remote may.",
+        ),
+    ] = False,
     max_requests: Annotated[int, typer.Option(help="Requests per batch input file.")] = 50_000,
     max_bytes: Annotated[int, typer.Option(help="Bytes per batch input file.")] = 200 * 1024 * 1024,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -101,6 +115,7 @@ def emulator_command(
             webhook_url=webhook_url,
             webhook_secret=webhook_secret,
             embedding_dimensions=embedding_dimensions,
+            shuffle_output=shuffle_output,
             max_requests=max_requests,
             max_bytes=max_bytes,
         )

@@ -46,7 +46,11 @@ class EmulatorConfig:
     fault_cut_download: float = 0.0
     webhook_url: str | None = None
     webhook_secret: str | None = None
-    embedding_dimensions: int = 256
+    # Vector size for every embedding model; None: each model's own (1536 for
+    # text-embedding-3-small and ada-002, 3072 for -3-large). A request's `dimensions` wins.
+    embedding_dimensions: int | None = None
+    # Output and error lines out of input order (deterministic by `seed`), as the remote may.
+    shuffle_output: bool = False
     max_requests: int = 50_000
     max_bytes: int = 200 * 1024 * 1024
     # Uploads of any purpose above this are refused at once (the remote's own upload limit).
@@ -60,6 +64,8 @@ class EmulatorConfig:
             raise ValueError("requests_per_minute must be positive")
         if self.data_dir is not None:
             self.data_dir = Path(self.data_dir)
+        if self.embedding_dimensions is not None and self.embedding_dimensions < 1:
+            raise ValueError("embedding_dimensions must be at least 1")
         for name in FAULT_FIELDS:
             value = getattr(self, name)
             if value < 0 or (name.startswith(("fault_", "request_")) and value > 1):

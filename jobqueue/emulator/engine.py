@@ -435,6 +435,8 @@ class Emulator:
             failure_rate=self.faults.settings["request_failure_rate"],
             seed=self.seed,
             embedding_dimensions=self.config.embedding_dimensions,
+            line_tokens=b.validation.line_tokens if b.validation is not None else None,
+            shuffle=self.config.shuffle_output,
         )
         b.output_work = self._pool.submit(generate, plan)
         b.output_work.add_done_callback(self._when_done(b.id))
@@ -463,6 +465,8 @@ class Emulator:
                 log.exception("output generation of %s failed", b.id)
                 return self._fail(b, t, [error("server_error", f"output generation: {exc}")])
         b.waiting = None
+        if b.validation is not None:
+            b.validation.line_tokens = None  # only the output needed them
         out = b.output or OutputResult()
         ending = b.ending or "completed"
         b.completed, b.failed = out.completed, out.failed
@@ -475,11 +479,12 @@ class Emulator:
         for suffix in ("output", "error"):
             with contextlib.suppress(FileNotFoundError):
                 (self.files_dir / f"{b.id}.{suffix}.part").unlink()
+        # The sums over the requests that ran (the output file's lines), as the remote reports.
         b.usage = {
             "input_tokens": out.input_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": out.cached_tokens},
             "output_tokens": out.output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": out.reasoning_tokens},
             "total_tokens": out.input_tokens + out.output_tokens,
         }
         if ending == "completed":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import orjson
 
 from jobqueue.emulator.responses import MODEL_OPTIONAL
+from jobqueue.tokens import encoding_for_model, input_tokens
 
 # The remote lists several problems at once but not every one of a broken million-line file.
 MAX_REPORTED_ERRORS = 100
@@ -21,6 +23,8 @@ class Validation:
     total: int = 0
     model: str | None = None
     tokens: int = 0
+    # Input tokens of each request in file order, kept for the output's usage (4 bytes each).
+    line_tokens: array[int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -57,6 +61,9 @@ def validate_input(
     model: str | None = None
     tokens = 0
     total = 0
+    line_tokens: array[int] = array("I")
+    append = line_tokens.append
+    encoding: str | None = None
     for number, raw in iter_lines(path):
         total += 1
         if total > max_requests:
@@ -86,12 +93,17 @@ def validate_input(
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
             continue
-        tokens += max(1, len(raw) // 4)  # estimate_tokens, inlined: this loop sees every line
+        if encoding is None:
+            encoding = encoding_for_model(model)  # one model a batch: one encoding
+        estimate = input_tokens(endpoint, body, encoding=encoding)
+        tokens += estimate
+        append(estimate)
     if total == 0 and not errors:
         errors.append(error("empty_file", "The batch input file is empty."))
     result.total = total
     result.model = model
     result.tokens = tokens
+    result.line_tokens = line_tokens if result.ok else None
     return result
 
 

@@ -437,7 +437,10 @@ def _prepare(
     cur: _OpenShard | None = None
     cur_model: str | None = None
     c_req = c_bytes = c_in = c_next = 0
-    c_write = c_ids_write = c_pos_write = None
+    # The current shard's writes (set with `cur`, before the first line is written).
+    c_write: Callable[[bytes], object]
+    c_ids_write: Callable[[bytes], object]
+    c_pos_write: Callable[[bytes], object] | None = None
 
     # Same reading as `_iter_lines`, inlined: a generator costs a tenth of the per-line budget.
     # readline(limit) returns at most `limit` bytes, so an overlong line never sits in memory

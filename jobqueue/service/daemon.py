@@ -18,9 +18,6 @@ from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jobqueue.duties.collect import collect_once
 from jobqueue.duties.context import DutyContext, make_owner
@@ -36,7 +33,7 @@ from jobqueue.remote.base import Provider
 from jobqueue.service.sdnotify import notify, watchdog_interval
 from jobqueue.settings import Settings
 from jobqueue.store import Store
-from jobqueue.store.tables import events_table, jobs_table, sink_cursors_table
+from jobqueue.store.daemons import ping, start_cursors_at_open_jobs
 
 log = get_logger("jobqueue.service.daemon")
 # Our scheduler's own logger: a duty woken while it runs is skipped on purpose (the wake is
@@ -237,24 +234,8 @@ class Daemon:
         names = [sink.name for sink in self._config_sinks]
         if not names:
             return
-        c, e, j = sink_cursors_table, events_table, jobs_table
         with self.store.write() as conn:
-            known = set(conn.execute(select(c.c.sink).where(c.c.sink.in_(names))).scalars())
-            missing = [name for name in names if name not in known]
-            if not missing:
-                return
-            first_open = conn.execute(
-                select(func.min(e.c.seq))
-                .join(j, j.c.id == e.c.job_id)
-                .where(j.c.status.in_(["queued", "running"]))
-            ).scalar_one_or_none()
-            newest = conn.execute(select(func.coalesce(func.max(e.c.seq), 0))).scalar_one()
-            start = first_open - 1 if first_open is not None else newest
-            insert = pg_insert if self.store.dialect == "postgresql" else sqlite_insert
-            conn.execute(
-                insert(c).on_conflict_do_nothing(index_elements=["sink"]),
-                [{"sink": n, "last_seq": start, "updated_at": time.time()} for n in missing],
-            )
+            start_cursors_at_open_jobs(conn, self.store.dialect, names, time.time())
 
     def _start_dispatcher(self) -> None:
         self.dispatcher = self._make_dispatcher()
@@ -349,8 +330,7 @@ class Daemon:
         if not self.running:
             return False
         try:
-            with self.store.read() as conn:
-                conn.execute(text("SELECT 1"))
+            ping(self.store)
         except Exception:
             return False
         return True

@@ -17,7 +17,6 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -25,13 +24,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from jobqueue.core.states import BATCH_MACHINE, BatchStatus, JobStatus
-from jobqueue.duties.observe import observe
+from jobqueue.duties.webhook import reconcile_batch_by_remote_id
 from jobqueue.hooks.signing import WebhookVerificationError, verify
 from jobqueue.httpserver import BackgroundServer
 from jobqueue.logs import get_logger
-from jobqueue.remote.base import RemoteError
-from jobqueue.store import outbox
-from jobqueue.store.tables import batches_table, jobs_table
+from jobqueue.store.metrics import MetricCounts, counts_for_metrics
 
 if TYPE_CHECKING:
     from jobqueue.service.daemon import Daemon
@@ -63,7 +60,7 @@ def create_server_app(daemon: Daemon) -> Starlette:
             return JSONResponse({"error": "not an event"}, status_code=400)
         if event_type not in BATCH_EVENTS or not isinstance(remote_id, str):
             return JSONResponse({"ignored": True})
-        outcome = await run_in_threadpool(reconcile_remote_batch, daemon, remote_id)
+        outcome = await run_in_threadpool(reconcile_batch_by_remote_id, daemon.ctx, remote_id)
         return JSONResponse({"batch": remote_id, "outcome": outcome})
 
     async def healthz(_request: Request) -> Response:
@@ -86,28 +83,6 @@ def create_server_app(daemon: Daemon) -> Starlette:
     )
 
 
-def reconcile_remote_batch(daemon: Daemon, remote_id: str) -> str:
-    """Refresh one remote batch now: `unknown`, `unchanged`, `moved` or `error`."""
-    store = daemon.store
-    with store.read() as conn:
-        row = conn.execute(
-            select(batches_table).where(batches_table.c.remote_id == remote_id)
-        ).first()
-    if row is None:
-        log.info("webhook for a batch we do not know; ignored", remote_id=remote_id)
-        return "unknown"
-    try:
-        remote = daemon.provider.retrieve_batch(remote_id)
-    except RemoteError as exc:
-        log.warning("webhook reconcile failed; the poller will catch up", error=str(exc))
-        return "error"
-    daemon.ctx.count("reconcile_calls")
-    daemon.ctx.count("webhook_reconciles")
-    moved = observe(daemon.ctx, row.id, remote)
-    log.info("webhook reconciled", batch_id=row.id, remote_id=remote_id, moved=moved)
-    return "moved" if moved else "unchanged"
-
-
 class MetricsCollector(Collector):
     """Reads the database at scrape time, so every daemon reports the same truth."""
 
@@ -117,39 +92,23 @@ class MetricsCollector(Collector):
     def collect(self) -> Iterator[Any]:
         store = self.daemon.store
         with store.read() as conn:
-            jobs = dict(
-                conn.execute(
-                    select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status)
-                ).all()
-            )
-            batches = dict(
-                conn.execute(
-                    select(batches_table.c.status, func.count()).group_by(batches_table.c.status)
-                ).all()
-            )
-            totals = conn.execute(
-                select(
-                    func.coalesce(func.sum(jobs_table.c.request_count), 0),
-                    func.coalesce(func.sum(jobs_table.c.requests_succeeded), 0),
-                    func.coalesce(func.sum(jobs_table.c.requests_failed), 0),
-                )
-            ).one()
-            deliveries = _delivery_counts(self.daemon, conn)
+            counts = counts_for_metrics(conn, [sink.name for sink in self.daemon.sinks])
+        jobs, batches = counts.jobs, counts.batches
         g = GaugeMetricFamily("jobqueue_jobs", "Jobs by status.", labels=["status"])
-        for status in JobStatus:
-            g.add_metric([status.value], jobs.get(status.value, 0))
+        for job_status in JobStatus:
+            g.add_metric([job_status.value], jobs.get(job_status.value, 0))
         yield g
         g = GaugeMetricFamily("jobqueue_batches", "Batches by status.", labels=["status"])
-        for status in BatchStatus:
-            g.add_metric([status.value], batches.get(status.value, 0))
+        for batch_status in BatchStatus:
+            g.add_metric([batch_status.value], batches.get(batch_status.value, 0))
         yield g
-        total, succeeded, failed = (int(x) for x in totals)
+        succeeded, failed = counts.requests_succeeded, counts.requests_failed
         g = GaugeMetricFamily("jobqueue_requests", "Requests by outcome.", labels=["outcome"])
         g.add_metric(["succeeded"], succeeded)
         g.add_metric(["failed"], failed)
-        g.add_metric(["pending"], total - succeeded - failed)
+        g.add_metric(["pending"], counts.requests_total - succeeded - failed)
         yield g
-        for name, help_text, value in deliveries:
+        for name, help_text, value in _delivery_counts(counts):
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], value)
             yield g
@@ -184,20 +143,15 @@ class MetricsCollector(Collector):
         yield errors
 
 
-def _delivery_counts(daemon: Daemon, conn: Any) -> list[tuple[str, str, int]]:
+def _delivery_counts(counts: MetricCounts) -> list[tuple[str, str, int]]:
     """Deliveries pending and dead, and events waiting in the outbox."""
-    sinks = [sink.name for sink in daemon.sinks]
     return [
-        (
-            "jobqueue_deliveries_pending",
-            "Hook deliveries not yet made.",
-            outbox.pending_count(conn),
-        ),
-        ("jobqueue_deliveries_dead", "Hook deliveries given up on.", outbox.dead_count(conn)),
+        ("jobqueue_deliveries_pending", "Hook deliveries not yet made.", counts.deliveries_pending),
+        ("jobqueue_deliveries_dead", "Hook deliveries given up on.", counts.deliveries_dead),
         (
             "jobqueue_outbox_waiting",
             "Events not yet handed to every sink of this daemon.",
-            outbox.backlog(conn, sinks) if sinks else 0,
+            counts.outbox_waiting,
         ),
     ]
 
