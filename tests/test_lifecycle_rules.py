@@ -48,16 +48,17 @@ def test_what_an_unreported_request_counts_as() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cancel", "deadline", "succeeded", "statuses", "cut_short", "expected"),
+    ("cancel", "deadline", "succeeded", "statuses", "total", "expected"),
     [
-        (True, NOW - 1, 5, ["cancelled"], 3, JobStatus.CANCELLED),  # the user's cancel wins
-        # A cancel that came after every request had its outcome changed nothing.
-        (True, None, 5, ["completed"], 0, JobStatus.COMPLETED),
-        (True, None, 0, ["failed", "failed"], 0, JobStatus.FAILED),
-        (False, NOW, 5, ["completed"], 0, JobStatus.EXPIRED),
-        (False, None, 0, ["failed", "failed"], 0, JobStatus.FAILED),  # nothing ran
-        (False, None, 1, ["failed", "completed"], 0, JobStatus.COMPLETED),
-        (False, None, 0, ["failed", "expired"], 0, JobStatus.COMPLETED),  # some of it ran
+        (True, NOW - 1, 5, ["cancelled"], 8, JobStatus.CANCELLED),  # the user's cancel wins
+        (True, None, 5, ["completed"], None, JobStatus.CANCELLED),  # total unknown
+        # A cancel that came after every request had succeeded changed nothing.
+        (True, None, 5, ["completed"], 5, JobStatus.COMPLETED),
+        (True, None, 4, ["completed"], 5, JobStatus.CANCELLED),  # one failed: it stays
+        (False, NOW, 5, ["completed"], 5, JobStatus.EXPIRED),
+        (False, None, 0, ["failed", "failed"], 5, JobStatus.FAILED),  # nothing ran
+        (False, None, 1, ["failed", "completed"], 5, JobStatus.COMPLETED),
+        (False, None, 0, ["failed", "expired"], 5, JobStatus.COMPLETED),  # some of it ran
         (False, NOW + 1, 0, [], 0, JobStatus.COMPLETED),  # an empty job
     ],
 )
@@ -66,7 +67,7 @@ def test_job_end_status(
     deadline: float | None,
     succeeded: int,
     statuses: list[str],
-    cut_short: int,
+    total: int | None,
     expected: JobStatus,
 ) -> None:
     got = job_end_status(
@@ -75,7 +76,7 @@ def test_job_end_status(
         now=NOW,
         requests_succeeded=succeeded,
         batch_statuses=iter(statuses),
-        requests_cancelled=cut_short,
+        requests_total=total,
     )
     assert got == expected
 

@@ -218,6 +218,104 @@ class Job:
 
 
 @dataclass(frozen=True)
+class RunReport:
+    """What a run of the duties did (`JobQueue.run_once`, `run_until_done`): the steps taken,
+    the duties that failed (raised) with their last error, the jobs that ended during the run,
+    and those still open when it stopped (with their problems)."""
+
+    steps: int = 0
+    failed_duties: dict[str, str] = field(default_factory=dict)
+    ended: tuple[Job, ...] = ()
+    still_open: tuple[Job, ...] = ()
+
+    @property
+    def blocked(self) -> tuple[Job, ...]:
+        """Open jobs held up by a problem only the operator can fix (a key, a quota)."""
+        return tuple(job for job in self.still_open if job.needs_operator)
+
+    @property
+    def all_completed(self) -> bool:
+        return all(job.status == "completed" for job in self.ended)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "failed_duties": self.failed_duties,
+            "ended": [_job_summary(job) for job in self.ended],
+            "still_open": [_job_summary(job) for job in self.still_open],
+        }
+
+
+def _job_summary(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "short_id": job.short_id,
+        "name": job.name,
+        "status": job.status,
+        "problem": job.problem,
+        "request_counts": job.request_counts.to_dict(),
+    }
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One remote batch a submit would make (`submit --dry-run`)."""
+
+    index: int
+    model: str | None
+    requests: int
+    bytes: int
+    input_tokens: int
+    max_output_tokens: int | None  # None when some request sets no bound
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "model": self.model,
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "input_tokens": self.input_tokens,
+            "max_output_tokens": self.max_output_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class SubmitPlan:
+    """What `submit` would record for a file, found without recording anything."""
+
+    source: str
+    endpoint: str
+    options: dict[str, Any]
+    shards: tuple[ShardPlan, ...]
+    duplicate_of: str | None = None  # an open job for the same file and options
+
+    @property
+    def requests(self) -> int:
+        return sum(s.requests for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(s.input_tokens for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "endpoint": self.endpoint,
+            "options": self.options,
+            "batches": len(self.shards),
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "input_tokens": self.input_tokens,
+            "duplicate_of": self.duplicate_of,
+            "shards": [s.to_dict() for s in self.shards],
+        }
+
+
+@dataclass(frozen=True)
 class Event:
     """One outbox event, in the payload shape hooks receive."""
 

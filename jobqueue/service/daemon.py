@@ -27,19 +27,30 @@ from jobqueue.duties.retry import retry_once
 from jobqueue.duties.submit import submit_once
 from jobqueue.hooks.dispatcher import Dispatcher
 from jobqueue.hooks.sinks import Sink, build_sinks, close_sinks
-from jobqueue.logs import get_logger
+from jobqueue.logs import FailureLog, get_logger
 from jobqueue.remote import make_provider
 from jobqueue.remote.base import Provider
 from jobqueue.service.sdnotify import notify, watchdog_interval
 from jobqueue.settings import Settings
 from jobqueue.store import Store
-from jobqueue.store.daemons import ping, start_cursors_at_open_jobs
+from jobqueue.store.daemons import (
+    forget_daemon,
+    heartbeat,
+    is_unavailable,
+    ping,
+    start_cursors_at_open_jobs,
+)
 
 log = get_logger("jobqueue.service.daemon")
 # Our scheduler's own logger: a duty woken while it runs is skipped on purpose (the wake is
 # remembered and honoured right after), which APScheduler would report as a warning.
 _scheduler_logger = logging.getLogger("jobqueue.scheduler")
 _scheduler_logger.setLevel(logging.ERROR)
+# A running daemon records a heartbeat this often; others count it alive for HEARTBEAT_ALIVE.
+HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_ALIVE = 60.0
+# Heartbeats older than this are of daemons that died without a word: removed.
+_HEARTBEAT_FORGET = 86400.0
 
 
 @dataclass
@@ -104,6 +115,9 @@ class Daemon:
         self._scheduler: BackgroundScheduler | None = None
         self._stopping = threading.Event()
         self.log = log.bind(owner=self.ctx.owner)
+        # A failure that repeats (the database down: every duty, every second) is logged once,
+        # then once a minute, then when it is over.
+        self.failures = FailureLog(self.log, outage=is_unavailable)
         # Hooks: the config's sinks (owned here) and the embedding program's (not owned).
         self._config_sinks = build_sinks(settings.hooks)
         self._extra_sinks = list(sinks or [])
@@ -136,6 +150,10 @@ class Daemon:
                 self._run_duty, "interval", seconds=duty.interval, args=[duty.name],
                 id=duty.name, name=duty.name, next_run_time=now,
             )  # fmt: skip
+        scheduler.add_job(
+            self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat",
+            next_run_time=now,
+        )  # fmt: skip
         interval = watchdog_interval()
         if interval:
             scheduler.add_job(
@@ -163,6 +181,7 @@ class Daemon:
         try:
             with self.store.write() as conn:
                 released = self.store.release_leases(conn, self.owner)
+                forget_daemon(conn, self.owner)
             if released:
                 self.log.info("released leases", count=released)
         except Exception as exc:  # the database may be what failed; nothing more to do
@@ -193,6 +212,7 @@ class Daemon:
         """
         dispatcher = self._make_dispatcher()
         total = 0
+        self._heartbeat()
         try:
             for _ in range(max_rounds):
                 moved = sum(self._call(duty) for duty in self.duties.values())
@@ -225,7 +245,10 @@ class Daemon:
         if not self.sinks:
             return None
         self._start_config_cursors()
-        return Dispatcher(self.store, self.sinks, f"{self.owner}/hooks", clock=self.ctx.clock)
+        return Dispatcher(
+            self.store, self.sinks, f"{self.owner}/hooks", clock=self.ctx.clock,
+            failures=self.failures,
+        )  # fmt: skip
 
     def _start_config_cursors(self) -> None:
         """A config hook seen for the first time starts with the events of the jobs still
@@ -305,13 +328,30 @@ class Daemon:
         except Exception as exc:
             state.errors += 1
             state.last_error = f"{type(exc).__name__}: {exc}"
-            self.log.exception("duty failed", duty=duty.name)
+            self.failures.failed(duty.name, exc)
             return 0
         finally:
             state.runs += 1
             state.last_run = time.time()
             self.ctx.count(f"duty_seconds.{duty.name}", time.perf_counter() - started)
+        self.failures.succeeded(duty.name)
         return moved
+
+    def failed_duties(self) -> dict[str, str]:
+        """The duties that failed (raised) at least once, with their last error."""
+        return {name: s.last_error or "failed" for name, s in self._states.items() if s.errors}
+
+    def _heartbeat(self) -> None:
+        """Tell other processes (`jobqueue wait`) that this daemon runs."""
+        now = time.time()
+        try:
+            with self.store.write() as conn:
+                heartbeat(conn, self.store.dialect, self.owner, now)
+                forget_daemon(conn, "", before=now - _HEARTBEAT_FORGET)
+        except Exception as exc:
+            self.failures.failed("heartbeat", exc)
+            return
+        self.failures.succeeded("heartbeat")
 
     def duty_states(self) -> dict[str, dict[str, Any]]:
         return {

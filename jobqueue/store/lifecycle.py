@@ -16,7 +16,7 @@ from jobqueue.store import Connection, Store
 from jobqueue.store.batches import cancel_queued, request_remote_cancel
 from jobqueue.store.jobs import mark_cancel_requested
 from jobqueue.store.problems import problem_values_cleared
-from jobqueue.store.requests import count_failed_with, count_pending
+from jobqueue.store.requests import count_pending
 
 log = get_logger("jobqueue.jobs")
 
@@ -66,9 +66,7 @@ def settle_job(
         now=now,
         requests_succeeded=job.requests_succeeded,
         batch_statuses=(b.status for b in batches),
-        requests_cancelled=(
-            count_failed_with(conn, job_id, "batch_cancelled") if job.cancel_requested else 0
-        ),
+        requests_total=job.request_count,
     )
     values: dict[str, object] = problem_values_cleared()  # an ended job is not stuck
     if dest == J.FAILED and not job.error:

@@ -65,22 +65,6 @@ def count_pending(conn: Connection, job_id: str) -> int:
     )
 
 
-def count_failed_with(conn: Connection, job_id: str, error_code: str) -> int:
-    """Requests of the job whose final outcome is a failure with `error_code`."""
-    r = requests_table
-    return int(
-        conn.execute(
-            select(func.count())
-            .select_from(r)
-            .where(
-                r.c.job_number == job_number_of(job_id),
-                r.c.outcome == "failed",
-                r.c.error_code == error_code,
-            )
-        ).scalar_one()
-    )
-
-
 def _pending_of_job(query: Select[Any], job_id: str) -> Select[Any]:
     """`query` over the job's pending requests, each joined to the batch that holds it."""
     r, b = requests_table, batches_table
