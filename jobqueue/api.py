@@ -35,6 +35,7 @@ from jobqueue.store.daemons import daemons_seen
 from jobqueue.store.intake import RequestIndexLoader, batch_number_for
 from jobqueue.store.lifecycle import request_cancel
 from jobqueue.store.metrics import retried_request_count
+from jobqueue.store.problems import retry_held_now
 from jobqueue.store.reruns import failed_requests
 from jobqueue.store.results import iter_result_lines, write_result_lines
 
@@ -167,14 +168,15 @@ class JobQueue:
         max_batch_requests: int | None = None,
         max_batch_bytes: int | None = None,
         name: str | None = None,
-        allow_duplicate: bool = False,
+        allow_duplicate: bool = True,
     ) -> Job:
         """Validate and shard a JSONL file, record the job and its batches as `queued`.
 
         Streams the file once (and hashes it once: the job's fingerprint is the file's sha256
         with its options). A bad file raises `inputs.InputError` naming every problem with its
-        line, and nothing is recorded: no job row, no shard file. A file whose job (same
-        content, same options) is still open raises `DuplicateJob`, unless `allow_duplicate`.
+        line, and nothing is recorded: no job row, no shard file. With `allow_duplicate=False`
+        (what `jobqueue submit` does unless `--allow-duplicate`), a file whose job (same
+        content, same options) is still open raises `DuplicateJob`.
         `name` names the job: unique, letters, digits, `.`, `_`, `-`, not hex digits alone.
         """
         options = self._options(
@@ -627,6 +629,8 @@ class JobQueue:
         from jobqueue.service.daemon import Daemon
 
         daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        with self.store.write() as conn:
+            retry_held_now(conn)  # the operator may have fixed it: try at once, see again
         try:
             steps = daemon.run_once()
         finally:
@@ -660,6 +664,8 @@ class JobQueue:
         stop = stop or threading.Event()
         seen: dict[str, None] = {}
         daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        with self.store.write() as conn:
+            retry_held_now(conn, wanted)  # the operator may have fixed it: try at once
         daemon.start()
         try:
             while True:
@@ -669,7 +675,12 @@ class JobQueue:
                     on_poll(open_jobs)
                 if not open_jobs:
                     break
-                if stop_on_operator and all(job.needs_operator for job in open_jobs):
+                # Held up for good: a problem only the operator can fix, seen in this run (one
+                # left from an earlier run may be fixed by now; it is tried first).
+                confirmed = daemon.stats.get("problems_seen", {})
+                if stop_on_operator and all(
+                    job.needs_operator and job.id in confirmed for job in open_jobs
+                ):
                     break
                 if stop.wait(poll):
                     break

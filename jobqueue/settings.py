@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -101,7 +102,7 @@ class Settings(BaseSettings):
     # Daemon.
     listen: str | None = None
     hooks: list[HookConfig] = Field(default_factory=list)
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @field_validator(
@@ -116,6 +117,11 @@ class Settings(BaseSettings):
     @classmethod
     def _durations(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("data_dir", mode="after")
     @classmethod
@@ -191,6 +197,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     _CONFIG_PATH["path"] = str(config) if config is not None else None
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except tomllib.TOMLDecodeError as exc:
+        where = _CONFIG_PATH.get("path") or os.environ.get("JOBQUEUE_CONFIG")
+        raise ConfigError(f"config file {where} is not valid TOML: {exc}") from None
     except ValueError as exc:
         raise ConfigError(_settings_error(exc)) from None
     finally:

@@ -14,10 +14,16 @@ from jobqueue.core.records import Job
 
 def complete_job(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
     """Shell completion of a JOB argument: the newest jobs' short ids and names."""
+    # Completing, click parses the line without running the root callback: the global options
+    # are in the root's params.
+    params = ctx.find_root().params
     try:
-        state = ctx.find_root().obj
-        queue: JobQueue = state.queue()
-        jobs = queue.jobs(limit=200)
+        with JobQueue(
+            config=params.get("config"),
+            database_url=params.get("database_url"),
+            data_dir=params.get("data_dir"),
+        ) as queue:
+            jobs = queue.jobs(limit=200)
     except Exception:  # completion never fails loudly
         return []
     out: list[tuple[str, str]] = []

@@ -47,6 +47,9 @@ def report(
             changed = set_problem(own, job_id, problem, source, now=now)
     else:
         changed = set_problem(conn, job_id, problem, source, now=now)
+    # What this daemon saw in this run, by job: a one-shot run stops on a problem only the
+    # operator can fix once it has seen it itself (not on one left from an earlier run).
+    ctx.stats.setdefault("problems_seen", {})[job_id] = problem.kind.value
     if changed:
         log.warning(
             "job problem", job_id=job_id, problem=problem.text, kind=problem.kind.value, **fields
@@ -60,7 +63,9 @@ def clear(ctx: DutyContext, conn: Connection, job_ids: Iterable[str], source: Pr
     """Take the problems `source` put on these jobs off them (it works again); log each."""
     cleared = 0
     now = ctx.clock()
+    seen = ctx.stats.get("problems_seen", {})
     for job_id in job_ids:
+        seen.pop(job_id, None)
         if clear_problem(conn, job_id, source, now=now):
             cleared += 1
             log.info("job problem cleared", job_id=job_id, source=source.value)

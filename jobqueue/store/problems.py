@@ -100,3 +100,26 @@ def open_problems(conn: Connection, job_ids: Iterable[str] | None = None) -> lis
     if job_ids is not None:
         query = query.where(j.c.id.in_(list(job_ids)))
     return list(conn.execute(query).all())
+
+
+def retry_held_now(conn: Connection, job_ids: Iterable[str] | None = None) -> int:
+    """Make the queued batches of open jobs held up by a problem only the operator can fix (a
+    key, a permission, a quota) due now, not after their backoff: a one-shot run started after
+    the fix tries them at once. Returns how many batches."""
+    from jobqueue.core.problems import NEEDS_OPERATOR
+    from jobqueue.store.tables import batches_table
+
+    j, b = jobs_table, batches_table
+    held = select(j.c.id).where(
+        j.c.status.in_(_OPEN), j.c.problem_kind.in_([k.value for k in NEEDS_OPERATOR])
+    )
+    if job_ids is not None:
+        held = held.where(j.c.id.in_(list(job_ids)))
+    result = conn.execute(
+        update(b)
+        .where(
+            b.c.status == JobStatus.QUEUED.value, b.c.job_id.in_(held), b.c.not_before.is_not(None)
+        )
+        .values(not_before=None)
+    )
+    return result.rowcount or 0
