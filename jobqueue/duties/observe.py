@@ -12,7 +12,7 @@ from typing import Any
 
 from jobqueue.core.backoff import backoff
 from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
-from jobqueue.core.problems import ProblemSource, token_limit_problem
+from jobqueue.core.problems import ProblemSource, remote_problem, token_limit_problem
 from jobqueue.core.states import BATCH_TERMINAL, BATCH_TIME_COLUMN, BatchStatus, IllegalTransition
 from jobqueue.duties import problems
 from jobqueue.duties.context import DutyContext
@@ -176,6 +176,14 @@ def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: Remo
         "batch status", job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id,
         source=row.status, dest=dest,
     )  # fmt: skip
+    if dest == B.FAILED and remote.errors:
+        # The remote refused what it was given (a model it does not know, a bad line): the
+        # job goes on with its other batches, but shows why this one failed.
+        problem = remote_problem(
+            status=None, code=error_code(remote.errors), message=describe_errors(remote.errors),
+            transient=False, action="run a batch",
+        )  # fmt: skip
+        problems.report(ctx, row.job_id, problem, ProblemSource.SUBMIT, conn, batch_id=row.id)
     return True
 
 

@@ -176,3 +176,21 @@ def test_job_start_and_end_are_logged_with_counts(world: World) -> None:
     assert started["job_id"] == job.id and started["requests"] == 3
     assert ended["job_id"] == job.id and ended["status"] == "completed"
     assert (ended["requests"], ended["succeeded"], ended["failed"]) == (3, 2, 1)
+
+
+def test_a_batch_the_remote_failed_shows_why_while_the_job_goes_on(world: World) -> None:
+    job = world.submit(4, max_batch_requests=2)
+    ctx = world.ctx()
+    submit_once(ctx)
+    first, second = world.remote.batches()
+    world.remote.fail(first.id, "model_not_found", "The model 'gpt-nope' does not exist")
+    reconcile_once(ctx)
+    seen = world.job(job.id)
+    assert seen.status == "running" and seen.problem_kind == "not_found"
+    assert "model_not_found" in (seen.problem or "") and "gpt-nope" in (seen.problem or "")
+    world.remote.complete(second.id)
+    reconcile_once(ctx)
+    collect_once(ctx)
+    ended = world.job(job.id)
+    assert ended.status == "completed" and ended.request_counts.failed == 2
+    assert ended.problem is None  # an ended job carries none
