@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 from jobqueue.version import __version__
 
 if TYPE_CHECKING:
-    from jobqueue.api import InvalidOptions, JobNotFound, JobQueue, JobQueueError
+    from jobqueue.api import EventNotFound, InvalidOptions, JobNotFound, JobQueue, JobQueueError
     from jobqueue.core.records import Batch, Event, Job, RequestCounts
     from jobqueue.files.inputs import InputError
 
 _EXPORTS = {
+    "EventNotFound": "jobqueue.api",
     "Batch": "jobqueue.core.records",
     "Event": "jobqueue.core.records",
     "Job": "jobqueue.core.records",
@@ -31,6 +32,7 @@ _EXPORTS = {
 __all__ = [
     "Batch",
     "Event",
+    "EventNotFound",
     "InputError",
     "InvalidOptions",
     "Job",

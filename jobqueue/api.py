@@ -7,6 +7,7 @@ job = jq.submit("requests.jsonl", endpoint="/v1/chat/completions")
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import tempfile
@@ -23,12 +24,13 @@ from jobqueue import tokens
 from jobqueue.core.durations import parse_duration
 from jobqueue.core.ids import looks_like_id, new_id
 from jobqueue.core.records import Delivery, Event, Job, RunReport, ShardPlan, SubmitPlan
-from jobqueue.core.states import JobStatus
+from jobqueue.core.states import BatchStatus, JobStatus
 from jobqueue.files import inputs
 from jobqueue.files.fingerprint import content_sha256, fingerprint
 from jobqueue.files.sharing import share_with_group
 from jobqueue.logs import get_logger
 from jobqueue.settings import Settings, load_settings
+from jobqueue.store import DatabaseError as DatabaseError  # re-exported: the CLI catches it
 from jobqueue.store import Store, lookup, outbox
 from jobqueue.store import StoreError as StoreError  # re-exported: the CLI catches it
 from jobqueue.store.daemons import daemons_seen
@@ -115,6 +117,20 @@ JOB_STATUSES = tuple(s.value for s in JobStatus)
 OPEN_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 # A daemon whose heartbeat is older than this is not counted as running.
 DAEMON_ALIVE_SECONDS = 60.0
+
+
+class StorageError(JobQueueError):
+    """The machine refused a file operation (a full disk, a read-only mount); nothing was kept."""
+
+    _WRITING = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+    @classmethod
+    def of(cls, exc: OSError, where: Path) -> StorageError:
+        reason = exc.strerror or str(exc)
+        if exc.errno in cls._WRITING:
+            return cls(f"cannot write the job's files in {where}: {reason}; nothing was kept")
+        path = f" ({exc.filename})" if exc.filename else ""
+        return cls(f"submit failed: {reason}{path}; nothing was kept")
 
 
 class JobQueue:
@@ -247,7 +263,7 @@ class JobQueue:
                 job = {
                     "id": job_id,
                     "number": job_number,
-                    "status": "queued",
+                    "status": JobStatus.QUEUED,
                     "endpoint": endpoint,
                     "completion_window": options["completion_window"],
                     "user_metadata": options["metadata"],
@@ -270,7 +286,7 @@ class JobQueue:
                         "id": new_id("batch"),
                         "job_id": job_id,
                         "number": batch_number_for(shard),
-                        "status": "queued",
+                        "status": BatchStatus.QUEUED,
                         "shard_index": shard.index,
                         "attempt": 1,
                         "model": shard.model,
@@ -284,9 +300,11 @@ class JobQueue:
                     for shard in shards
                 ]
                 self.store.insert_job(conn, job, batches)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(final.parent, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise StorageError.of(exc, jobs_dir) from exc
             raise
         if self._daemon is not None:
             self._daemon.wake("submit")
@@ -605,15 +623,31 @@ class JobQueue:
         listen: str | None = None,
     ) -> None:
         """Run the duties in the foreground until `stop` is set (or KeyboardInterrupt); with
-        `listen` (HOST:PORT), serve OpenAI webhooks, /healthz and /metrics there meanwhile."""
-        from jobqueue.service.daemon import Daemon
+        `listen` (HOST:PORT), serve OpenAI webhooks, /healthz and /metrics there meanwhile.
 
-        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
-        server = None
+        A bad or busy address, a missing API key or a hook that cannot run is refused with a
+        `ConfigError` (one line) before any work starts."""
+        sock = None
         if listen:
+            from jobqueue.service.server import listen_socket
+
+            sock = listen_socket(listen)
+        try:
+            daemon = self._new_daemon(provider)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        server = None
+        if sock is not None:
             from jobqueue.service.server import serve_in_background
 
-            server = serve_in_background(daemon, listen)
+            try:
+                server = serve_in_background(daemon, sock)
+            except BaseException:
+                sock.close()
+                daemon.stop()
+                raise
         try:
             daemon.run_forever(stop or threading.Event())
         except KeyboardInterrupt:
@@ -626,9 +660,7 @@ class JobQueue:
         """Run the duties in this thread until a whole round moves nothing (hook deliveries due
         now included). The report holds the steps taken, the duties that failed, and the jobs
         still open (with their problems)."""
-        from jobqueue.service.daemon import Daemon
-
-        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        daemon = self._new_daemon(provider)
         with self.store.write() as conn:
             retry_held_now(conn)  # the operator may have fixed it: try at once, see again
         try:
@@ -655,15 +687,13 @@ class JobQueue:
         (a refused key, a used-up quota): it would wait for ever. `on_poll(open_jobs)` is called
         every `poll` seconds. The report lists the jobs that ended, those still open, and the
         duties that failed meanwhile."""
-        from jobqueue.service.daemon import Daemon
-
         wanted = None
         if job_ids is not None:
             with self.store.read() as conn:
                 wanted = [self.job_row(conn, ref).id for ref in job_ids]
         stop = stop or threading.Event()
         seen: dict[str, None] = {}
-        daemon = Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        daemon = self._new_daemon(provider)
         with self.store.write() as conn:
             retry_held_now(conn, wanted)  # the operator may have fixed it: try at once
         daemon.start()
@@ -700,6 +730,17 @@ class JobQueue:
         with self.store.read() as conn:
             jobs = [Job.from_row(row) for row in lookup.open_jobs(conn, job_ids)]
             return self._with_short_ids(conn, jobs)
+
+    def _new_daemon(self, provider: Provider | None) -> Daemon:
+        from jobqueue.service.daemon import Daemon
+        from jobqueue.settings import ConfigError
+
+        try:
+            return Daemon(self.settings, self.store, provider, sinks=self._python_sinks)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # e.g. no API key, or a hook command that cannot run
+            raise ConfigError(str(exc)) from None
 
     @property
     def daemon(self) -> Daemon | None:
@@ -840,7 +881,7 @@ class JobQueue:
         remote = 0
         with self.store.write() as conn:
             row = self.job_row(conn, job_id)
-            if row.status in ("queued", "running"):
+            if row.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 remote = request_cancel(self.store, conn, row.id)
                 log.debug("job cancel requested", job_id=row.id, remote_batches=remote)
         if remote:

@@ -10,15 +10,18 @@ two secrets may instead come as credentials (`LoadCredential=openai_api_key:…`
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import re
 import shlex
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from platformdirs import user_data_dir
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,27 +30,53 @@ from pydantic_settings import (
 )
 
 from jobqueue.core.durations import parse_duration
+from jobqueue.core.paths import file_kind
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class HookConfig(BaseModel):
-    """One `[[hooks]]` table: a shell command or an HTTP webhook for matching events."""
+    """One `[[hooks]]` table: a shell command or an HTTP webhook for matching events.
+
+    A command runs with a minimal environment: `PATH`, `HOME` and `LANG` of the daemon, the
+    variables named in `pass_env`, those set in `env`, and the `JOBQUEUE_EVENT_*` ones; nothing
+    else of the daemon's environment (its remote key and webhook secret above all) unless named.
+    """
 
     events: list[str] = Field(default_factory=lambda: ["*"])
     command: str | None = None
     url: str | None = None
     secret: SecretStr | None = None
-    timeout: float = 10.0
+    timeout: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=8, ge=1)
     name: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    pass_env: list[str] = Field(default_factory=list)
 
     @field_validator("events", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    def model_post_init(self, __context: Any) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> HookConfig:
         if bool(self.command) == bool(self.url):
             raise ValueError("a hook needs exactly one of `command` or `url`")
+        if self.url is not None:
+            check_hook_url(self.url)
+        if self.command is not None:
+            try:
+                shlex.split(self.command)
+            except ValueError as exc:
+                raise ValueError(f"hook command is not valid shell: {exc}") from None
+        if (self.env or self.pass_env) and not self.command:
+            raise ValueError("`env` and `pass_env` are for command hooks")
+        if self.secret is not None and not self.url:
+            raise ValueError("`secret` is for webhook (`url`) hooks")
+        for name in [*self.env, *self.pass_env]:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name[:40]!r} is not an environment variable name")
+        return self
 
     @property
     def sink_name(self) -> str:
@@ -61,6 +90,47 @@ class HookConfig(BaseModel):
             program = shlex.split(self.command)[0] if self.command.strip() else "command"
             return f"command:{Path(program).name}#{digest}"
         return f"webhook:{urlsplit(target).hostname or 'url'}#{digest}"
+
+
+def check_hook_url(url: str) -> None:
+    """Raise ValueError unless `url` is an absolute http(s) URL with a host. The message never
+    repeats the URL: its path or query may hold a token."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        raise ValueError("hook url is not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        scheme = f" (its scheme is {parts.scheme[:20]!r})" if parts.scheme else ""
+        raise ValueError(f"hook url must be an http:// or https:// URL{scheme}")
+    if not host:
+        raise ValueError("hook url has no host")
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6; an empty host is 127.0.0.1; port 0 is any free
+    port) as (host, port). Raises ValueError with a message fit to show after the address."""
+    text = address.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or (not host and not text.startswith(":")):
+        example = f"127.0.0.1:{text}" if text.isdigit() else "127.0.0.1:8089"
+        raise ValueError(f"expected HOST:PORT, e.g. {example}")
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"the port must be a number, not {port[:20]!r}")
+    number = int(port)
+    if number > 65535:
+        raise ValueError(f"port {number} is out of range (1 to 65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host[:80]!r} is not an IPv6 address") from None
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError("an IPv6 address goes in brackets, e.g. [::1]:8089")
+    elif host and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise ValueError(f"{host[:80]!r} is not a host name or address")
+    return host or "127.0.0.1", number
 
 
 def _duration(value: Any) -> float:
@@ -101,6 +171,13 @@ class Settings(BaseSettings):
     stuck_after: float = Field(default=3 * 3600.0, gt=0)
     # Daemon.
     listen: str | None = None
+    # The `--listen` server: a bearer token for every route but the signed webhook (a secret,
+    # like the two above), the largest webhook body, seconds a client has to send a request's
+    # headers and again its body, and how many connections it serves at once.
+    metrics_token: SecretStr | None = None
+    webhook_max_bytes: int = Field(default=1_000_000, ge=1024)
+    http_timeout: float = Field(default=10.0, gt=0)
+    http_max_connections: int = Field(default=64, ge=1)
     hooks: list[HookConfig] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -122,6 +199,23 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("listen", mode="after")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_listen_address(value)
+            except ValueError as exc:
+                raise ValueError(f"{value[:80]!r}: {exc}") from None
+        return value
+
+    @field_validator("metrics_token", mode="after")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None  # an empty JOBQUEUE_METRICS_TOKEN means none
+        return value
 
     @field_validator("data_dir", mode="after")
     @classmethod
@@ -186,14 +280,15 @@ class _CredentialsSource(PydanticBaseSettingsSource):
         return values
 
 
-class ConfigError(Exception):
-    """The configuration cannot be read or does not validate."""
+class ConfigError(ValueError):
+    """The configuration cannot be read or does not validate (or the daemon cannot start with
+    it): shown as one line, exit code 2."""
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Settings from the environment and the TOML file, with `overrides` on top."""
-    if config is not None and not Path(config).is_file():
-        raise ConfigError(f"config file not found: {config}")
+    if config is not None or os.environ.get("JOBQUEUE_CONFIG"):
+        _check_config_file(Path(config if config is not None else os.environ["JOBQUEUE_CONFIG"]))
     _CONFIG_PATH["path"] = str(config) if config is not None else None
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -206,6 +301,17 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         _CONFIG_PATH.pop("path", None)
 
 
+def _check_config_file(path: Path) -> None:
+    """Refuse what is not a regular file before anything opens it (a FIFO would hang)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        reason = "not found" if isinstance(exc, FileNotFoundError) else exc.strerror
+        raise ConfigError(f"config file {reason}: {path}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"config file is not a regular file ({file_kind(mode)}): {path}")
+
+
 def _settings_error(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if not callable(errors):
@@ -213,5 +319,7 @@ def _settings_error(exc: ValueError) -> str:
     parts = []
     for err in errors():
         where = ".".join(str(p) for p in err.get("loc", ())) or "config"
-        parts.append(f"{where}: {err.get('msg')}")
+        message = str(err.get("msg"))
+        message = message.removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
     return "invalid configuration: " + "; ".join(parts)

@@ -199,7 +199,7 @@ def test_command_sink_stdin_and_environment(tmp_path: Path, event: dict[str, Any
         "job=job_abc",
         "batch=bat_xyz",
         "extra=42",
-        "path=set",  # the daemon's own environment is inherited
+        "path=set",  # PATH is one of the few variables passed on
     ]
 
 

@@ -99,9 +99,19 @@ def test_replayed_webhook_changes_nothing(listening, tmp_path: Path) -> None:
         {"id": "evt_2", "object": "event", "type": "batch.completed", "created_at": 1,
          "data": {"id": job.batches[0].remote_id}}
     )  # fmt: skip
+    assert _post(server.url, body).json()["outcome"] == "unchanged"
+    reconciles = daemon.stats.get("webhook_reconciles", 0)
+    # The same signed message again: acknowledged (so the sender stops), not processed again.
     for _ in range(3):
         response = _post(server.url, body)
-        assert response.json()["outcome"] == "unchanged"
+        assert response.status_code == 200
+        assert response.json() == {"duplicate": True}
+    assert daemon.stats.get("webhook_reconciles", 0) == reconciles
+    # Another webhook id is another message: processed, and it moves nothing either.
+    headers = signed_headers(SECRET, "wh_test_other", body)
+    again = httpx.post(f"{server.url}/webhooks/openai", content=body, headers=headers)
+    assert again.json()["outcome"] == "unchanged"
+    assert daemon.stats.get("webhook_reconciles", 0) == reconciles + 1
     assert len(jq.events(job.id)) == events_before
 
 

@@ -1,11 +1,13 @@
 """The command line: a thin layer over the embedded API, talking to the daemon's database.
 
 Logs and errors go to stderr; with `--json` a command prints only JSON on stdout. Errors are one
-line, never a traceback: exit 2 for bad input or usage, 1 for anything else.
+line, never a traceback: exit 2 for bad input, usage or configuration, 1 for anything else (a
+full disk, a database that refuses).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from jobqueue.api import JobQueue, JobQueueError, StoreError
+from jobqueue.api import DatabaseError, JobQueue, JobQueueError, StoreError
 from jobqueue.cli.options import (
     AttemptsOption,
     BatchBytesOption,
@@ -34,6 +36,7 @@ from jobqueue.cli.options import (
     submit_options,
 )
 from jobqueue.core.records import Delivery, Event, Job, SubmitPlan
+from jobqueue.core.states import BATCH_TERMINAL
 from jobqueue.files.inputs import InputError
 from jobqueue.logs import configure_logging
 from jobqueue.settings import ConfigError
@@ -389,9 +392,7 @@ def cancel(
     if as_json:
         _print_json(job.to_dict())
         return
-    open_batches = sum(
-        1 for b in job.batches if b.status not in ("completed", "failed", "expired", "cancelled")
-    )
+    open_batches = sum(1 for b in job.batches if b.status not in BATCH_TERMINAL)
     if job.done:
         stdout.print(f"{job.id} {job.status}", markup=False)
     else:
@@ -661,12 +662,29 @@ _register_optional_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; click reports its own usage errors (exit 2), this reports ours in one line."""
+    """Run the CLI; every error, click's usage errors included, is one line on stderr."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="jobqueue", standalone_mode=True)
+        code = command.main(args=argv, prog_name="jobqueue", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except _NO_ARGS_IS_HELP as exc:
+        help_error: Any = exc
+        help_error.show()  # `jobqueue` alone: the help, as before
+        return int(help_error.exit_code)
+    except _USAGE_ERROR as exc:
+        usage: Any = exc
+        where = usage.ctx.command_path if usage.ctx is not None else "jobqueue"
+        message = _one_line(usage.format_message())
+        stderr.print(f"error: {message} (see `{where} --help`)", markup=False)
+        return int(usage.exit_code)
+    except _CLICK_EXCEPTION as exc:
+        failure: Any = exc
+        stderr.print(f"error: {_one_line(failure.format_message())}", markup=False)
+        return int(failure.exit_code)
+    except _ABORT:
+        return 130
     except (InputError, ConfigError) as exc:
         stderr.print(f"error: {exc}", markup=False)
         return 2
@@ -678,7 +696,58 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`jobqueue results … | head`): nothing more to say.
+        _silence_stdout()
+        return 141
+    except OSError as exc:
+        # The machine, not the input: a full disk, a read-only mount, a lost file system.
+        stderr.print(f"error: {_os_error(exc)}", markup=False)
+        return 1
+    except DatabaseError as exc:
+        # The database refused (e.g. "database or disk is full"); the driver's own message
+        # only, without the statement and its parameters.
+        stderr.print(f"error: database: {_one_line(str(exc.orig))}", markup=False)
+        return 1
     return 0
+
+
+def _click_classes(name: str) -> tuple[type[Exception], ...]:
+    """click's exception `name`, from click and from the copy typer may carry (`typer._click`):
+    the CLI prints them itself, in one line."""
+    found: list[type[Exception]] = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+_NO_ARGS_IS_HELP = _click_classes("NoArgsIsHelpError")
+_USAGE_ERROR = _click_classes("UsageError")
+_CLICK_EXCEPTION = _click_classes("ClickException")
+_ABORT = _click_classes("Abort")
+
+
+def _os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return _one_line(f"{where}{exc.strerror or exc}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

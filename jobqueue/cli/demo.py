@@ -23,6 +23,7 @@ from rich.table import Table
 
 from jobqueue.api import JobQueue
 from jobqueue.core.records import Event, Job
+from jobqueue.core.states import BATCH_TERMINAL, JobStatus
 from jobqueue.logs import configure_logging
 
 out = Console(highlight=False, soft_wrap=True)
@@ -152,7 +153,7 @@ def demo_command(
         _summary(queue, job, labels, results_path, time.monotonic() - started, keep)
     if not keep:
         out.print(f"[dim]removed {workdir} (--keep keeps it)[/dim]")
-    if job.status != "completed":
+    if job.status != JobStatus.COMPLETED:
         raise typer.Exit(1)
 
 
@@ -186,7 +187,7 @@ def _print_event(event: Event, labels: dict[str, str], started: float) -> None:
         return
     counts = event.data.get("request_counts") or {}
     detail = ""
-    if event.to_status in ("completed", "expired", "cancelled", "failed") and counts:
+    if event.to_status in BATCH_TERMINAL and counts:
         detail = f"  ({counts.get('completed', 0):,} ok, {counts.get('failed', 0):,} failed)"
     if event.data.get("retry_of"):
         detail = f"  (retrying {counts.get('total', 0):,} requests)"

@@ -44,6 +44,7 @@ from jobqueue.cli.options import (
     submit_options,
 )
 from jobqueue.core.records import Job, RunReport
+from jobqueue.core.states import JobStatus
 from jobqueue.logs import hushed
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -220,7 +221,9 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
             stderr.print(f"{job.id} {job.status}: {_summary(job)}", markup=False)
         if not job.done:
             raise typer.Exit(EXIT_TIMEOUT)
-        raise typer.Exit(EXIT_COMPLETED if job.status == "completed" else EXIT_NOT_COMPLETED)
+        raise typer.Exit(
+            EXIT_COMPLETED if job.status == JobStatus.COMPLETED else EXIT_NOT_COMPLETED
+        )
 
     @app.command()
     def results(
@@ -347,7 +350,7 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
             f"{output}",
             markup=False,
         )
-        code = EXIT_COMPLETED if job.status == "completed" else EXIT_NOT_COMPLETED
+        code = EXIT_COMPLETED if job.status == JobStatus.COMPLETED else EXIT_NOT_COMPLETED
         raise typer.Exit(_report(report, code))
 
     from jobqueue.cli.demo import demo_command
@@ -388,10 +391,15 @@ def _write_results(
     queue: JobQueue, job: Job, output: Path | None, *, errors_only: bool, partial: bool
 ) -> int:
     if output is None:
-        written = queue.export_results(
-            job.id, sys.stdout.buffer, errors_only=errors_only, partial=partial
-        )
-        sys.stdout.flush()
+        try:
+            written = queue.export_results(
+                job.id, sys.stdout.buffer, errors_only=errors_only, partial=partial
+            )
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise JobQueueError(f"cannot write the results to stdout: {exc.strerror}") from None
         return written
     part = output.with_name(output.name + ".part")
     try:
@@ -403,7 +411,9 @@ def _write_results(
     except BaseException as exc:
         part.unlink(missing_ok=True)  # never a half-written file left behind
         if isinstance(exc, OSError):
-            raise JobQueueError(f"cannot write {output}: {exc.strerror or exc}") from None
+            raise JobQueueError(
+                f"cannot write {output}: {exc.strerror or exc}; nothing was written"
+            ) from None
         raise
     return written
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from jobqueue.core.states import JOB_TERMINAL
 from jobqueue.core.times import iso
 
 
@@ -140,7 +141,7 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.status in ("completed", "failed", "cancelled", "expired")
+        return self.status in JOB_TERMINAL
 
     @property
     def needs_operator(self) -> bool:

@@ -79,8 +79,8 @@ def fetch_results(ctx: DutyContext, row: Row) -> _Fetched:
         if not file_id:
             continue
         dest = result_path(ctx, row, kind)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.exists():
                 downloaded += ctx.provider.download_file(file_id, dest)
             files.append((kind, dest))

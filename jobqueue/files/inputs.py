@@ -17,7 +17,11 @@ Decisions (see also `benchmarks/README.md`):
   The remote documents no per-line limit, so the only hard bound is that a request must fit in an
   upload file (200 MB). Memory is constant in the number of lines, but one huge line is held in
   memory (and parsed) while it is checked.
-- Unknown top-level keys are refused: the remote rejects them.
+- Unknown top-level keys are refused: the remote rejects them. So is a repeated key in any
+  object of a line (orjson keeps the last value, another parser may keep the first): see
+  `dupkeys`, which scans a large file in a child process while this one validates it.
+- Only a regular file is read: anything else (a FIFO, a directory, a device) is refused before
+  it is opened, and the open itself never blocks.
 - Uniqueness of custom ids is tracked as a set of 60-bit hashes (about 65 MB per million ids, half
   of a set of str); a repeated hash is only a suspect, confirmed or cleared by an exact second pass
   over the file, so a hash collision never reports a false duplicate.
@@ -29,12 +33,17 @@ import contextlib
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
 import orjson
+
+from jobqueue.core.paths import file_kind
+from jobqueue.files import dupkeys
+from jobqueue.files.dupkeys import READ_BUFFER as _READ_BUFFER
+from jobqueue.files.dupkeys import iter_lines as _iter_lines
 
 __all__ = [
     "ENDPOINTS",
@@ -71,7 +80,6 @@ MAX_KEPT_PROBLEMS = 20
 # handles and write buffers stay bounded whatever the file holds.
 MAX_OPEN_SHARDS = 32
 _HASH_MASK = (1 << 60) - 1  # 60 bits: the int fits CPython's 2-digit (32-byte) int object
-_READ_BUFFER = 1 << 20
 _SHARD_BUFFER = 1 << 18
 _IDS_BUFFER = 1 << 16
 
@@ -116,6 +124,8 @@ class InputError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
+        if self.total == 1 and len(self.problems) == 1:
+            return f"{self.source}: {self.problems[0]}"  # one problem, one line
         noun = "problem" if self.total == 1 else "problems"
         lines = [f"{self.source}: {self.total} {noun}"]
         lines += [str(p) for p in self.problems]
@@ -263,29 +273,6 @@ class _OpenShard:
                     f.close()
 
 
-def _iter_lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
-    """Yield (1-based line number, line ending in "\\n") for each non-blank line; None for a line
-    over `limit`. Mirrors the reading loop of `_prepare`, which is inlined there for speed.
-    """
-    readline = f.readline
-    lineno = 0
-    while True:
-        raw = readline(limit)
-        if not raw:
-            return
-        lineno += 1
-        if raw[-1] != 10:
-            if len(raw) >= limit:
-                while raw and raw[-1] != 10:
-                    raw = readline(_READ_BUFFER)
-                yield lineno, None
-                continue
-            raw += b"\n"
-        if raw.isspace():
-            continue
-        yield lineno, raw
-
-
 def _short(value: object) -> str:
     """A parsed JSON value, as JSON, cut to a readable length."""
     text = orjson.dumps(value).decode()
@@ -331,24 +318,54 @@ def prepare_input(
     check_endpoint(endpoint)
     source = Path(source)
     staging_dir = Path(staging_dir)
-    try:
-        f = open(source, "rb", buffering=_READ_BUFFER)  # noqa: SIM115
-    except OSError as e:
-        raise InputError(source, [Problem(0, f"cannot read the file: {e.strerror or e}")]) from e
+    f = _open_regular(source)
     with f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise InputError(source, [Problem(0, "not a regular file")])
         staging_dir.mkdir(parents=True, exist_ok=True)
         if any(staging_dir.iterdir()):
             raise FileExistsError(f"staging dir {staging_dir} is not empty")
         open_shards: dict[str | None, _OpenShard] = {}
+        identity = os.fstat(f.fileno())
+        scan = None
+        if identity.st_size >= dupkeys.PARALLEL_MIN_BYTES and dupkeys.spare_cpu():
+            max_line = min(limits.max_line_bytes, limits.max_bytes)
+            scan = dupkeys.DuplicateKeyScan(source, identity, max_line, MAX_KEPT_PROBLEMS)
         try:
-            return _prepare(f, source, endpoint, staging_dir, limits, sync, open_shards, on_shard)
+            return _prepare(
+                f, source, endpoint, staging_dir, limits, sync, open_shards, on_shard, scan
+            )
         except BaseException:
+            if scan is not None:
+                scan.cancel()
             for sh in open_shards.values():
                 sh.abandon()
             shutil.rmtree(staging_dir, ignore_errors=True)
             raise
+
+
+def _open_regular(source: Path) -> BinaryIO:
+    """Open `source` for reading, refusing what is not a regular file before opening it (a FIFO
+    without a writer would block the open for ever) and again after (it may have been swapped
+    meanwhile: the open does not block, so that costs nothing)."""
+
+    def refuse(message: str) -> InputError:
+        return InputError(source, [Problem(0, message)])
+
+    try:
+        mode = os.stat(source).st_mode
+    except OSError as e:
+        raise refuse(f"cannot read the file: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise refuse(f"not a regular file but {file_kind(mode)}")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(source, flags)
+    except OSError as e:
+        raise refuse(f"cannot read the file: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise refuse(f"not a regular file but {file_kind(mode)}")
+    return os.fdopen(fd, "rb", buffering=_READ_BUFFER)
 
 
 def _check_line(
@@ -407,6 +424,7 @@ def _prepare(
     sync: bool,
     open_shards: dict[str | None, _OpenShard],
     on_shard: Callable[[Shard], None] | None,
+    scan: dupkeys.DuplicateKeyScan | None,
 ) -> PreparedInput:
     max_line = min(limits.max_line_bytes, limits.max_bytes)
     max_requests, max_bytes = limits.max_requests, limits.max_bytes
@@ -569,7 +587,11 @@ def _prepare(
     if position == 0 and not problems.total:
         add(0, "the file holds no requests")
     if suspects:
-        _confirm_duplicates(source, max_line, suspects, problems)
+        _confirm_duplicates(f, max_line, suspects, problems)
+    found = scan.result() if scan is not None else None
+    if found is None:  # a small file, or the child could not do it
+        found = dupkeys.scan_file(f, max_line, MAX_KEPT_PROBLEMS)
+    _merge(problems, [Problem(line, message) for line, message in found[0]], found[1])
     if problems.total:
         raise InputError(source, problems.kept, problems.total)
     for model in list(open_shards):
@@ -591,34 +613,37 @@ def _prepare(
 
 
 def _confirm_duplicates(
-    source: Path, max_line: int, suspects: set[int], problems: _Problems
+    f: BinaryIO, max_line: int, suspects: set[int], problems: _Problems
 ) -> None:
-    """Second pass: find which suspect hashes are true duplicates, naming the first occurrence.
-
-    Merges the duplicate problems with the first pass's ones, keeping line order.
-    """
+    """Second pass (over the same open file, from its start): find which suspect hashes are
+    true duplicates, naming the first occurrence. Merges them with the first pass's problems."""
     first_line: dict[str, int] = {}
     dups = _Problems()
-    with open(source, "rb", buffering=_READ_BUFFER) as f:
-        for lineno, raw in _iter_lines(f, max_line):
-            if raw is None:
-                continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if type(obj) is not dict:
-                continue
-            cid = obj.get("custom_id")
-            if type(cid) is not str or not cid or (hash(cid) & _HASH_MASK) not in suspects:
-                continue
-            first = first_line.setdefault(cid, lineno)
-            if first != lineno:
-                dups.add(lineno, f"duplicate custom_id {_short(cid)} (first on line {first})")
-    if dups.total:
-        merged = sorted(problems.kept + dups.kept, key=lambda p: p.line)
+    f.seek(0)
+    for lineno, raw in _iter_lines(f, max_line):
+        if raw is None:
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if type(obj) is not dict:
+            continue
+        cid = obj.get("custom_id")
+        if type(cid) is not str or not cid or (hash(cid) & _HASH_MASK) not in suspects:
+            continue
+        first = first_line.setdefault(cid, lineno)
+        if first != lineno:
+            dups.add(lineno, f"duplicate custom_id {_short(cid)} (first on line {first})")
+    _merge(problems, dups.kept, dups.total)
+
+
+def _merge(problems: _Problems, more: list[Problem], total: int) -> None:
+    """Add `total` problems, of which `more` are the first, keeping line order."""
+    if total:
+        merged = sorted(problems.kept + more, key=lambda p: p.line)
         problems.kept = merged[:MAX_KEPT_PROBLEMS]
-        problems.total += dups.total
+        problems.total += total
 
 
 def _json_type(value: object) -> str:

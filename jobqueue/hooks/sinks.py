@@ -15,6 +15,9 @@ import contextlib
 import copy
 import email.utils
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -151,14 +154,34 @@ class PythonSink:
         return f"PythonSink(name={self.name!r}, patterns={self.patterns!r})"
 
 
+# What a command hook gets of the daemon's environment, besides what its config names: never
+# the whole environment, which holds the remote's key and the webhook secret.
+INHERITED_ENV = ("PATH", "HOME", "LANG")
+# First words a shell runs itself: nothing to find on PATH.
+_SHELL_WORDS = frozenset({
+    ".", ":", "[", "alias", "bg", "break", "case", "cd", "command", "continue", "do", "done",
+    "echo", "elif", "else", "esac", "eval", "exit", "export", "false", "fc", "fg", "fi", "for",
+    "getopts", "hash", "if", "in", "jobs", "kill", "printf", "pwd", "read", "readonly", "return",
+    "set", "shift", "test", "then", "times", "trap", "true", "type", "ulimit", "umask", "unalias",
+    "unset", "until", "wait", "while", "{", "}", "!", "(", ")",
+})  # fmt: skip
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
+
+
 class CommandSink:
     """Runs a shell command per event: event JSON on stdin, details in the environment.
 
-    The command runs under `/bin/sh -c` in its own process group (session), with the daemon's
-    environment plus `env` plus `JOBQUEUE_EVENT_TYPE`, `JOBQUEUE_EVENT_ID`, `JOBQUEUE_JOB_ID` and,
-    when the event has one, `JOBQUEUE_BATCH_ID`. Exit 0 is success; any other exit fails with the
-    code and the tail of stderr. On timeout the whole group gets SIGKILL, so children the command
-    started in the background die with it. stdout is discarded.
+    The command runs under `/bin/sh -c` in its own process group (session), with a minimal
+    environment: the daemon's `PATH`, `HOME` and `LANG`, the variables named in `pass_env`
+    (when the daemon has them), `env`, and `JOBQUEUE_EVENT_TYPE`, `JOBQUEUE_EVENT_ID`,
+    `JOBQUEUE_JOB_ID` and, when the event has one, `JOBQUEUE_BATCH_ID`. Nothing else of the
+    daemon's environment reaches it: not the remote's key, not the webhook secret, unless named.
+    Exit 0 is success; any other exit fails with the code and the tail of stderr. On timeout the
+    whole group gets SIGKILL, so children the command started in the background die with it.
+    stdout is discarded.
+
+    The command's program (its first word, after any `NAME=value`) must exist and be executable,
+    found on that `PATH` or given as a path, or be a shell builtin: checked here, at start-up.
     """
 
     def __init__(
@@ -169,6 +192,7 @@ class CommandSink:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         env: Mapping[str, str] | None = None,
         *,
+        pass_env: Iterable[str] = (),
         name: str | None = None,
     ) -> None:
         if not command.strip():
@@ -179,17 +203,27 @@ class CommandSink:
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.env = dict(env or {})
+        self.pass_env = list(pass_env)
         self.name = name or f"command:{command}"
+        check_command(command, self._base_environment().get("PATH", os.defpath))
+
+    def _base_environment(self) -> dict[str, str]:
+        environment = {
+            key: os.environ[key] for key in (*INHERITED_ENV, *self.pass_env) if key in os.environ
+        }
+        environment.setdefault("PATH", os.defpath)
+        environment.update(self.env)
+        return environment
 
     def _environment(self, event: Mapping[str, Any]) -> dict[str, str]:
-        environment = {**os.environ, **self.env}
+        environment = self._base_environment()
         environment["JOBQUEUE_EVENT_TYPE"] = str(event.get("type") or "")
         environment["JOBQUEUE_EVENT_ID"] = str(event.get("id") or "")
         environment["JOBQUEUE_JOB_ID"] = str(event.get("job_id") or "")
         if event.get("batch_id"):
             environment["JOBQUEUE_BATCH_ID"] = str(event["batch_id"])
         else:
-            environment.pop("JOBQUEUE_BATCH_ID", None)  # never leak the daemon's own value
+            environment.pop("JOBQUEUE_BATCH_ID", None)  # never a value passed from the daemon
         return environment
 
     def deliver(self, event: dict[str, Any], body: bytes) -> None:
@@ -238,6 +272,38 @@ class CommandSink:
 
     def __repr__(self) -> str:
         return f"CommandSink(name={self.name!r}, patterns={self.patterns!r})"
+
+
+def check_command(command: str, path: str) -> None:
+    """Raise ValueError unless the command's program can run: an executable file, given as a
+    path or found on `path`, or a shell builtin. A first word that the shell expands (`$X`,
+    a glob, a quote-less subshell) is left to the shell. Messages name the program only, never
+    the command's arguments (they may hold a token)."""
+    try:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+    except ValueError as exc:
+        raise ValueError(f"hook command is not valid shell: {exc}") from None
+    words = [w for w in words if not _ASSIGNMENT.fullmatch(w)]
+    if words[:1] == ["exec"]:
+        words = words[1:]
+    program = words[0] if words else None
+    if program is None or program in _SHELL_WORDS or set(program) & set("$`*?[~"):
+        return
+    if "/" in program:
+        if not os.path.exists(program):
+            raise ValueError(f"hook command {program!r} does not exist")
+        candidate = program
+    else:
+        found = shutil.which(program, path=path)
+        if found is None:
+            raise ValueError(f"hook command {program!r} is not found on PATH")
+        candidate = found
+    if os.path.isdir(candidate):
+        raise ValueError(f"hook command {program!r} is a directory")
+    if not os.access(candidate, os.X_OK):
+        raise ValueError(f"hook command {program!r} is not executable")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -363,7 +429,10 @@ class WebhookSink:
 
 
 def build_sinks(hook_configs: Iterable[HookConfig]) -> list[Sink]:
-    """Sinks for the `[[hooks]]` tables, named by `HookConfig.sink_name`, which must be unique."""
+    """Sinks for the `[[hooks]]` tables, named by `HookConfig.sink_name`, which must be unique.
+
+    A hook that cannot work (a program that is not there, a bad secret) raises `ConfigError`
+    naming its position, so the daemon refuses to start rather than dead-letter every event."""
     sinks: list[Sink] = []
     try:
         _build_into(sinks, hook_configs)
@@ -374,38 +443,43 @@ def build_sinks(hook_configs: Iterable[HookConfig]) -> list[Sink]:
 
 
 def _build_into(sinks: list[Sink], hook_configs: Iterable[HookConfig]) -> None:
+    from jobqueue.settings import ConfigError
+
     seen: dict[str, int] = {}
     for index, config in enumerate(hook_configs):
         name = config.sink_name
         if name in seen:
             # The name may embed a URL with a token: point at positions instead.
-            raise ValueError(
+            raise ConfigError(
                 f"hooks[{index}] has the same name as hooks[{seen[name]}]; give one a `name`"
             )
         seen[name] = index
-        if config.command:
-            sinks.append(
-                CommandSink(
-                    config.command,
-                    config.events,
-                    timeout=config.timeout,
-                    max_attempts=config.max_attempts,
-                    name=name,
-                )
-            )
-        elif config.url:
-            secret = config.secret.get_secret_value() if config.secret is not None else None
-            try:
-                sink = WebhookSink(
-                    config.url,
-                    secret,
-                    config.events,
-                    timeout=config.timeout,
-                    max_attempts=config.max_attempts,
-                    name=name,
-                )
-            except ValueError as exc:
-                raise ValueError(f"hooks[{index}]: {exc}") from None
-            sinks.append(sink)
-        else:  # HookConfig already refuses this; keep the invariant local too
-            raise ValueError(f"hooks[{index}] needs exactly one of `command` or `url`")
+        try:
+            sinks.append(_sink_of(config, name))
+        except ValueError as exc:
+            raise ConfigError(f"hooks[{index}]: {exc}") from None
+
+
+def _sink_of(config: HookConfig, name: str) -> Sink:
+    if config.command:
+        return CommandSink(
+            config.command,
+            config.events,
+            timeout=config.timeout,
+            max_attempts=config.max_attempts,
+            env=config.env,
+            pass_env=config.pass_env,
+            name=name,
+        )
+    if config.url:
+        secret = config.secret.get_secret_value() if config.secret is not None else None
+        return WebhookSink(
+            config.url,
+            secret,
+            config.events,
+            timeout=config.timeout,
+            max_attempts=config.max_attempts,
+            name=name,
+        )
+    # HookConfig already refuses this; keep the invariant local too.
+    raise ValueError("needs exactly one of `command` or `url`")

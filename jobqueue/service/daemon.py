@@ -119,7 +119,12 @@ class Daemon:
         # then once a minute, then when it is over.
         self.failures = FailureLog(self.log, outage=is_unavailable)
         # Hooks: the config's sinks (owned here) and the embedding program's (not owned).
-        self._config_sinks = build_sinks(settings.hooks)
+        try:
+            self._config_sinks = build_sinks(settings.hooks)
+        except BaseException:
+            if self._own_provider:
+                self.provider.close()
+            raise
         self._extra_sinks = list(sinks or [])
         self.dispatcher: Dispatcher | None = None
         self._dispatch_stop = threading.Event()
@@ -325,6 +330,12 @@ class Daemon:
         started = time.perf_counter()
         try:
             moved = duty.fn(self.ctx)
+        except OSError as exc:
+            # The machine, not the code (a full disk, a lost mount): one line, no traceback.
+            state.errors += 1
+            state.last_error = f"{type(exc).__name__}: {exc}"
+            self.log.error("duty failed", duty=duty.name, error=state.last_error)
+            return 0
         except Exception as exc:
             state.errors += 1
             state.last_error = f"{type(exc).__name__}: {exc}"

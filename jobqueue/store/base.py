@@ -237,7 +237,7 @@ class Store:
         vals: dict[str, Any] = {"status": dest, "updated_at": now, **(values or {})}
         if JOB_MACHINE.is_terminal(dest):
             vals.setdefault("finished_at", now)
-        elif dest == "running":
+        elif dest == JobStatus.RUNNING:
             vals.setdefault("started_at", now)
         row = conn.execute(
             update(jobs_table)

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from jobqueue.core.states import JobStatus
 from jobqueue.store import Store, StoreError
 from jobqueue.store.tables import events_table, jobs_table, sink_cursors_table
 
@@ -33,7 +34,7 @@ def start_cursors_at_open_jobs(
     first_open = conn.execute(
         select(func.min(e.c.seq))
         .join(j, j.c.id == e.c.job_id)
-        .where(j.c.status.in_(["queued", "running"]))
+        .where(j.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
     ).scalar_one_or_none()
     newest = conn.execute(select(func.coalesce(func.max(e.c.seq), 0))).scalar_one()
     start = first_open - 1 if first_open is not None else newest
