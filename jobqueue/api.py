@@ -33,7 +33,7 @@ from jobqueue.settings import Settings, load_settings
 from jobqueue.store import DatabaseError as DatabaseError  # re-exported: the CLI catches it
 from jobqueue.store import Store, lookup, outbox
 from jobqueue.store import StoreError as StoreError  # re-exported: the CLI catches it
-from jobqueue.store.daemons import daemons_seen
+from jobqueue.store.daemons import daemons_heard_since
 from jobqueue.store.intake import RequestIndexLoader, batch_number_for
 from jobqueue.store.lifecycle import request_cancel
 from jobqueue.store.metrics import retried_request_count
@@ -115,8 +115,6 @@ class DuplicateJob(InvalidOptions):
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 JOB_STATUSES = tuple(s.value for s in JobStatus)
 OPEN_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-# A daemon whose heartbeat is older than this is not counted as running.
-DAEMON_ALIVE_SECONDS = 60.0
 
 
 class StorageError(JobQueueError):
@@ -489,12 +487,12 @@ class JobQueue:
         return [replace(job, short_id=shorts.get(job.id)) for job in jobs]
 
     def daemons_alive(self) -> list[str]:
-        """The daemons seen running on this database within the last minute (this process's
-        own, `start()`, included): empty when none is. A daemon records a heartbeat every few
-        seconds while it runs and removes it when it stops."""
-        since = time.time() - DAEMON_ALIVE_SECONDS
+        """The ids of the daemons running on this database (this process's own, `start()`,
+        included): those of the `daemons` table not stopped whose heartbeat is younger than
+        `daemon_timeout`. Empty when none is."""
+        since = time.time() - self.settings.daemon_timeout
         with self.store.read() as conn:
-            seen = daemons_seen(conn, since)
+            seen = daemons_heard_since(conn, since)
         if self._daemon is not None and self._daemon.running and self._daemon.owner not in seen:
             seen.append(self._daemon.owner)
         return seen

@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     overdue_grace: float = Field(default=3600.0, ge=0)
     stuck_after: float = Field(default=3 * 3600.0, gt=0)
     # Daemon.
+    # Every daemon renews its heartbeat this often; one not heard of for `daemon_timeout` is dead
+    # and its leases are taken over by the others.
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    daemon_timeout: float = Field(default=30.0, gt=0)
     listen: str | None = None
     # The `--listen` server: a bearer token for every route but the signed webhook (a secret,
     # like the two above), the largest webhook body, seconds a client has to send a request's
@@ -189,6 +193,8 @@ class Settings(BaseSettings):
         "lease_seconds",
         "overdue_grace",
         "stuck_after",
+        "heartbeat_interval",
+        "daemon_timeout",
         mode="before",
     )
     @classmethod
@@ -199,6 +205,15 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_timeout(self) -> Settings:
+        if self.heartbeat_interval >= self.daemon_timeout:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval:g}s) must be shorter than "
+                f"daemon_timeout ({self.daemon_timeout:g}s)"
+            )
+        return self
 
     @field_validator("listen", mode="after")
     @classmethod

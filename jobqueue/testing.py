@@ -50,6 +50,13 @@ What it offers:
           submit_once(ctx_two)           # meanwhile daemon two runs
       worker.join()                      # leaving the block released the call
 
+- **Timeouts**: with `call_timeout=seconds`, a call held longer than that on the clock (by a
+  hook that advances it, or a pause while the test advances it) fails as the HTTP client's
+  would: `TransientRemoteError`, with `maybe_created=True` for a create. Held before its effect,
+  the call never takes effect; held after it, only the answer is lost. File transfers
+  (`upload_file`, `download_file`) take as long as their size needs and never time out here.
+  `max_call_seconds` is `call_timeout` (0 without one): what jobqueue's lease on a batch must
+  outlive when it starts a create.
 - **A record of every call**: `calls` (and `calls_to(method)`) hold each protocol call in
   order: method, arguments by name, the clock's time, the thread, and its result or error.
   Test-side helpers (`advance`, `complete`, `batches`, ...) are not recorded.
@@ -82,6 +89,7 @@ from jobqueue.remote.base import (
     PermanentRemoteError,
     RemoteBatch,
     RemoteFile,
+    TransientRemoteError,
 )
 
 __all__ = [
@@ -110,6 +118,8 @@ METHODS = frozenset(
         "cancel_batch",
     }
 )
+# Calls whose time depends on the size of what they move: `call_timeout` does not bound them.
+_TRANSFERS = frozenset({"upload_file", "download_file"})
 ENDPOINTS = frozenset(
     {
         "/v1/responses",
@@ -445,8 +455,12 @@ class InMemoryRemote:
         clock: Callable[[], float] = time.time,
         responder: Responder = echo_response,
         auto_complete: bool = False,
+        call_timeout: float | None = None,
     ) -> None:
+        if call_timeout is not None and call_timeout <= 0:
+            raise ValueError(f"call_timeout must be positive, not {call_timeout}")
         self.clock = clock
+        self.call_timeout = call_timeout
         self.responder = responder
         self.auto_complete = auto_complete
         self.closed = False
@@ -460,6 +474,11 @@ class InMemoryRemote:
 
     def __repr__(self) -> str:
         return f"InMemoryRemote(batches={len(self._batches)}, files={len(self._files)})"
+
+    @property
+    def max_call_seconds(self) -> float:
+        """The longest a call can take: `call_timeout`, or 0 when calls never time out."""
+        return self.call_timeout or 0.0
 
     # -- faults, hooks, pauses ----------------------------------------------------------------
 
@@ -522,12 +541,14 @@ class InMemoryRemote:
             for rule in ours:
                 if rule.when == "before":
                     rule.action(call)
+            self._check_timeout(call)
             with self._changed:
                 result = effect()
                 self._changed.notify_all()
             for rule in ours:
                 if rule.when == "after":
                     rule.action(call)
+            self._check_timeout(call)
         except BaseException as exc:
             with self._lock:
                 call.error, call.done = exc, True
@@ -535,6 +556,17 @@ class InMemoryRemote:
         with self._lock:
             call.result, call.done = result, True
         return result
+
+    def _check_timeout(self, call: Call) -> None:
+        """A call held past `call_timeout` on the clock fails as the HTTP client would."""
+        if self.call_timeout is None or call.method in _TRANSFERS:
+            return
+        held = self.clock() - call.time
+        if held > self.call_timeout:
+            raise TransientRemoteError(
+                f"{call.method} timed out after {held:g}s (call_timeout {self.call_timeout:g}s)",
+                maybe_created=call.method == "create_batch",
+            )
 
     # -- what the test reads ------------------------------------------------------------------
 

@@ -29,6 +29,10 @@ def _daemon_env(db_url: str, data_dir: Path, base_url: str, **extra: str) -> dic
         OPENAI_API_KEY=API_KEY,
         JOBQUEUE_POLL_INTERVAL="0.2",
         JOBQUEUE_LEASE_SECONDS="30",
+        # A create's bound (`max_call_seconds`, 3 tries of 3 s + 3 s connect, and the retries'
+        # sleeps) stays near the lease: a killed daemon's batch is taken over within ~45 s.
+        JOBQUEUE_REQUEST_TIMEOUT="3",
+        JOBQUEUE_MAX_RETRIES="2",
         JOBQUEUE_LOG_LEVEL="warning",
         # A daemon that hangs is sent SIGABRT (see `_terminate`): its threads' stacks go to the log.
         PYTHONFAULTHANDLER="1",

@@ -107,7 +107,7 @@ def test_a_database_that_is_down_is_not_a_traceback_per_duty(
             for _ in range(10):  # ten rounds of every duty, within a few seconds
                 for duty in daemon.duties.values():
                     daemon._call(duty)
-                daemon._heartbeat()
+                daemon.heartbeat()
                 ticks.now += 0.5
             ticks.now += 60
             daemon._call(daemon.duties["submit"])

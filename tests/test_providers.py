@@ -566,6 +566,36 @@ def test_create_batch_exhausted_on_429_is_not_maybe_created() -> None:
     assert info.value.maybe_created is False
 
 
+def test_max_call_seconds_bounds_a_create_retries_included() -> None:
+    """(max_retries + 1) attempts of connect + request timeout, and 8 s of sleep per retry."""
+    assert make(Script(), timeout=60.0, max_retries=5).max_call_seconds == 6 * 70 + 5 * 8
+    assert make(Script(), timeout=3.0, max_retries=2).max_call_seconds == 3 * 6 + 2 * 8
+    assert make(Script(), timeout=30.0, max_retries=0).max_call_seconds == 40
+    assert make(Script(), cls=AzureOpenAIProvider, timeout=5.0).max_call_seconds == 6 * 10 + 40
+
+
+def test_a_create_gives_up_rather_than_sleep_past_its_bound() -> None:
+    """A Retry-After honoured elsewhere (up to 120 s) would take a create past the bound its
+    lease was renewed for: the create gives up instead, as after its last retry."""
+    script = Script(err(429, "slow down", headers={"retry-after": "60"}), jresp(200, batch()))
+    p = make(script)
+    with pytest.raises(TransientRemoteError) as info:
+        _create(p)
+    assert not info.value.maybe_created and len(script.requests) == 1 and p.delays == []
+    # Short waits within the budget are made as before, up to the budget.
+    script = Script(*[err(429, "slow down", headers={"retry-after": "7"})] * 6, jresp(200, batch()))
+    p = make(script)
+    with pytest.raises(TransientRemoteError):
+        _create(p)
+    assert p.delays == [7.0] * 5 and sum(p.delays) <= p.max_call_seconds
+    script = Script(err(429, "slow down", headers={"retry-after": "7"}), jresp(200, batch()))
+    assert _create(make(script)).id == "batch_1"
+    # Other calls keep honouring the long wait.
+    script = Script(err(429, "slow down", headers={"retry-after": "60"}), jresp(200, batch()))
+    p = make(script)
+    assert p.retrieve_batch("batch_1").id == "batch_1" and p.delays == [60.0]
+
+
 def test_create_batch_bad_request_is_permanent() -> None:
     script = Script(err(400, "bad endpoint", code="invalid_value", param="endpoint"))
     with pytest.raises(PermanentRemoteError) as info:

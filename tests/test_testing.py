@@ -265,6 +265,34 @@ def test_hooks_run_inside_the_call(remote: InMemoryRemote, clock: Clock, tmp_pat
     assert remote.calls_to("create_batch")[0].time == start
 
 
+def test_a_call_held_past_its_timeout_fails_as_the_client_would(
+    clock: Clock, tmp_path: Path
+) -> None:
+    remote = InMemoryRemote(clock=clock, call_timeout=60)
+    assert remote.max_call_seconds == 60 and InMemoryRemote().max_call_seconds == 0
+    file_id = _upload(remote, tmp_path)
+    rule = remote.on_call("create_batch", lambda call: clock.advance(61))
+    with pytest.raises(TransientRemoteError, match="timed out") as info:
+        _create(remote, file_id, jobqueue_batch_id="b1")
+    assert info.value.maybe_created and remote.batches() == []  # held before: never created
+    rule.remove()
+    remote.on_call("create_batch", lambda call: clock.advance(61), when="after")
+    with pytest.raises(TransientRemoteError):
+        _create(remote, file_id, jobqueue_batch_id="b2")
+    assert len(remote.batches(jobqueue_batch_id="b2")) == 1  # held after: only the answer lost
+    remote.on_call("retrieve_file", lambda call: clock.advance(61))
+    with pytest.raises(TransientRemoteError) as info:
+        remote.retrieve_file(file_id)
+    assert not info.value.maybe_created
+    remote.on_call("create_batch", lambda call: clock.advance(60))  # just within: fine
+    assert _create(remote, file_id).status == "validating"
+    # Transfers take what their size needs: never timed out.
+    remote.on_call("upload_file", lambda call: clock.advance(3600))
+    assert _upload(remote, tmp_path)
+    with pytest.raises(ValueError, match="positive"):
+        InMemoryRemote(call_timeout=0)
+
+
 def test_a_pause_holds_one_call_and_no_other(remote: InMemoryRemote, tmp_path: Path) -> None:
     file_id = _upload(remote, tmp_path)
     paused = remote.pause("create_batch")

@@ -57,7 +57,7 @@ EXIT_INTERRUPTED = 130
 # How often `wait` looks for a running daemon (a heartbeat in the database).
 DAEMON_CHECK_SECONDS = 10.0
 NO_DAEMON = (
-    "no daemon has been seen running on this database in the last minute: start one "
+    "no daemon is running on this database (none has a fresh heartbeat): start one "
     "(`jobqueue run`, or the service), or run the job from here with `jobqueue run --until-done`"
 )
 

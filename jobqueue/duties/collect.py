@@ -10,13 +10,16 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jobqueue.core.lifecycle import batch_may_retry, missing_result_code
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import error_code
+from jobqueue.duties.owners import live_owners
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import NotFoundError, RemoteError
 from jobqueue.store import Row, batches, jobs
+from jobqueue.store.batches import Lease
 from jobqueue.store.lifecycle import settle_job
 from jobqueue.store.results import record_outcomes
 
@@ -32,25 +35,31 @@ def collect_once(ctx: DutyContext) -> int:
     disk, the recording on the CPU and the database), so a round takes about the longer of the
     two instead of their sum. The write transaction is never held across a download.
     """
+    if not ctx.may_claim():
+        return 0
     now = ctx.clock()
     with ctx.store.read() as conn:
         rows = ctx.store.collectable(conn, now, _CLAIM_LIMIT)
+        live = live_owners(ctx, conn, now) if rows else frozenset()
     moved = 0
-    ahead: tuple[Row, Future[_Fetched]] | None = None
+    ahead: tuple[Row, Lease, Future[_Fetched]] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect-download") as pool:
         for row in rows:
+            if not ctx.may_claim():
+                break
             with ctx.store.write() as conn:
-                if not ctx.store.take_lease(
+                lease = ctx.store.take_lease(
                     conn, row.id, ctx.owner, now=now, seconds=ctx.settings.lease_seconds,
-                    status=row.status,
-                ):  # fmt: skip
-                    continue
+                    status=row.status, live_owners=live,
+                )  # fmt: skip
+            if lease is None:
+                continue
             fetching = pool.submit(fetch_results, ctx, row)
             if ahead is not None:
-                moved += _record(ctx, ahead[0], ahead[1].result())
-            ahead = (row, fetching)
+                moved += _record(ctx, ahead[0], ahead[1], ahead[2].result())
+            ahead = (row, lease, fetching)
         if ahead is not None:
-            moved += _record(ctx, ahead[0], ahead[1].result())
+            moved += _record(ctx, ahead[0], ahead[1], ahead[2].result())
     if moved:
         ctx.wake("retry")
     return moved
@@ -95,21 +104,31 @@ def fetch_results(ctx: DutyContext, row: Row) -> _Fetched:
     return _Fetched(files, missing_code, downloaded)
 
 
-def _record(ctx: DutyContext, row: Row, fetched: _Fetched) -> int:
-    """Record the outcomes of a batch whose files are on disk, in one write transaction."""
+def _record(ctx: DutyContext, row: Row, lease: Lease, fetched: _Fetched) -> int:
+    """Record the outcomes of a batch whose files are on disk, in one write transaction, if
+    we still hold it under `lease`."""
     if fetched.downloaded:
         ctx.count("collected_bytes", fetched.downloaded)
+    bound = log.bind(job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id)
     if fetched.failed:
-        ctx.store.release_lease(row.id)
+        if not ctx.store.release_lease(lease):
+            _lost(ctx, bound)
         return 0
     files, missing_code = fetched.files, fetched.missing_code
-    bound = log.bind(job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id)
+    stored = dict(files)
     now = ctx.clock()
     with ctx.store.write() as conn:
+        # Fenced, and first: nothing is recorded unless the batch is still ours (on
+        # PostgreSQL its row stays locked from here to the commit).
+        if not batches.mark_collected(
+            conn,
+            lease,
+            output_path=str(stored["output"]) if "output" in stored else None,
+            error_path=str(stored["error"]) if "error" in stored else None,
+            now=now,
+        ):
+            return _lost(ctx, bound)
         job = jobs.job_of_batch(ctx.store, conn, row)
-        fresh = ctx.store.get_batch(conn, row.id)
-        if fresh is None or fresh.collected_at is not None or fresh.lease_owner != ctx.owner:
-            return 0
         can_retry = batch_may_retry(
             attempt=row.attempt,
             max_attempts=job.max_attempts,
@@ -127,14 +146,13 @@ def _record(ctx: DutyContext, row: Row, fetched: _Fetched) -> int:
             missing_code=missing_code,
         )
         ctx.store.add_job_counts(conn, row.job_id, counts["succeeded"], counts["failed"])
-        stored = dict(files)
-        batches.mark_collected(
-            conn,
-            row.id,
-            output_path=str(stored["output"]) if "output" in stored else None,
-            error_path=str(stored["error"]) if "error" in stored else None,
-            now=now,
-        )
         settle_job(ctx.store, conn, row.job_id, now=now)
     bound.info("collected", status=row.status, **counts)
     return 1
+
+
+def _lost(ctx: DutyContext, bound: Any) -> int:
+    """Our lease on the batch was lost (another daemon collects it, or did): leave it."""
+    ctx.count("lost_leases")
+    bound.warning("lease lost; leaving the batch to its new holder")
+    return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,43 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{new_id('d')[-6:]}"
 
 
+class Heartbeat:
+    """A daemon's own heartbeat as its duties see it: when it was last renewed, and whether
+    the daemon's row still lets it work.
+
+    The duties claim new work only while it is `fresh`: its last renewal succeeded, less than
+    half the daemon timeout ago (well before the other daemons may count it dead and take over
+    what it holds). A daemon whose heartbeat cannot be renewed (the database is down, its row
+    says it stopped) claims nothing until it can.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._renewed_at: float | None = None
+        self.refused: str | None = None  # why the last renewal failed, while it does
+
+    def renewed(self, now: float) -> None:
+        with self._lock:
+            self._renewed_at = now
+            self.refused = None
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            self._renewed_at = None
+            self.refused = reason
+
+    @property
+    def renewed_at(self) -> float | None:
+        with self._lock:
+            return self._renewed_at
+
+    def fresh(self, now: float) -> bool:
+        with self._lock:
+            at = self._renewed_at
+        return at is not None and now - at < self.timeout / 2
+
+
 @dataclass
 class DutyContext:
     store: Store
@@ -31,6 +69,13 @@ class DutyContext:
     # Called with a duty's name when there is new work for it (the daemon wakes that duty).
     wake: Callable[[str], None] = lambda _name: None
     stats: dict[str, Any] = field(default_factory=dict)
+    # A daemon's heartbeat (None: the duties run unregistered, e.g. in a one-shot run or a test;
+    # they always claim, and their leases are judged by lease time alone).
+    heartbeat: Heartbeat | None = None
+
+    def may_claim(self) -> bool:
+        """Whether the duties may claim new work now: always, unless our heartbeat is stale."""
+        return self.heartbeat is None or self.heartbeat.fresh(self.clock())
 
     @property
     def data_dir(self) -> Path:

@@ -19,6 +19,7 @@ from jobqueue.duties.context import DutyContext
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import RemoteBatch
 from jobqueue.store import Connection, Row, batches, jobs
+from jobqueue.store.batches import Lease
 from jobqueue.store.lifecycle import request_cancel
 
 log = get_logger("jobqueue.reconcile")
@@ -77,9 +78,15 @@ def error_code(errors: list[dict[str, Any]] | None) -> str | None:
 
 
 def adopt_remote(
-    ctx: DutyContext, row: Row, remote: RemoteBatch, *, input_file_id: str | None = None
-) -> None:
-    """Record a remote batch created for a `submitting` batch, and start its job."""
+    ctx: DutyContext,
+    row: Row,
+    remote: RemoteBatch,
+    *,
+    lease: Lease,
+    input_file_id: str | None = None,
+) -> bool:
+    """Record a remote batch created for a `submitting` batch we hold under `lease`, and start
+    its job. False, and nothing written, when the lease was lost meanwhile."""
     now = ctx.clock()
     with ctx.store.write() as conn:
         values = observed_values(remote, row, now)
@@ -91,13 +98,13 @@ def adopt_remote(
         adopted = batches.mark_submitted(
             ctx.store,
             conn,
-            row.id,
+            lease,
             values,
             at=float(remote.created_at) if remote.created_at else None,
             now=now,
         )
         if adopted is None:
-            return
+            return False
         started = jobs.start_if_queued(ctx.store, conn, row.job_id, now=now)
         problems.clear(ctx, conn, [row.job_id], ProblemSource.SUBMIT)
         if remote.status != B.VALIDATING:
@@ -108,6 +115,7 @@ def adopt_remote(
             endpoint=started.endpoint,
         )  # fmt: skip
     ctx.wake("reconcile")
+    return True
 
 
 def observe(ctx: DutyContext, batch_id: str, remote: RemoteBatch) -> bool:

@@ -1,13 +1,22 @@
-"""Submit: claim queued batches, upload their shard, create the remote batch, move to validating.
+"""Submit: claim a queued batch, upload its shard, create the remote batch, move to validating.
 
 Idempotent across crashes: every remote batch carries `jobqueue_batch_id` in its metadata and
 every uploaded file a name with the local batch id, so a batch found in `submitting` after a
-crash is looked up remotely and adopted, or requeued when the remote never saw it. Never two
-remote batches for one local batch.
+crash is looked up remotely and adopted, or requeued when the remote never saw it.
+
+Fenced against other daemons: batches are claimed one at a time, just before they are worked
+on, each claim drawing a new lease token. Every write the holder makes carries its lease
+(`jobqueue.store.batches.Lease`) and changes nothing once the lease was lost; the duty then
+stops working on that batch. Right before each call that creates something remotely (the
+upload, the create) the holder renews its lease to outlive the longest the call can take
+(`provider.max_call_seconds`), and starts the call only if that renewal held. A lease is taken
+over only once it has run out and its holder is not a live daemon (`recover_submitting`), so
+no daemon recovers a batch while another's create may still take effect.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from jobqueue.core.backoff import backoff
@@ -16,7 +25,7 @@ from jobqueue.core.states import BatchStatus
 from jobqueue.duties import problems
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import adopt_remote
-from jobqueue.duties.owners import dead_local_owners
+from jobqueue.duties.owners import live_owners
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import (
     NotFoundError,
@@ -26,6 +35,7 @@ from jobqueue.remote.base import (
     TransientRemoteError,
 )
 from jobqueue.store import Row, batches, jobs
+from jobqueue.store.batches import Lease
 from jobqueue.store.lifecycle import settle_job
 
 log = get_logger("jobqueue.submit")
@@ -35,25 +45,42 @@ JOB_METADATA_KEY = "jobqueue_job_id"
 # How far back (seconds) to look for a remote batch created while we were not looking: covers
 # clock skew between us and the remote.
 _CLOCK_SLACK = 600
+# Batches claimed (one at a time) in one run of the duty.
 _CLAIM_LIMIT = 16
+# A lease renewed before a create outlives the call's bound by this much (clock skew).
+_CALL_MARGIN = 10.0
+# After a create that may have happened, recovery looks for the remote batch this much later.
+_UNCERTAIN_LEASE = 30.0
 
 
 def submit_once(ctx: DutyContext) -> int:
     moved = recover_submitting(ctx)
-    for row in claim_batches(ctx):
-        moved += submit_batch(ctx, row)
+    worked: set[str] = set()  # each batch once a run (a requeued one waits for the next)
+    for _ in range(_CLAIM_LIMIT):
+        claimed = claim_next(ctx, skip=worked)
+        if claimed is None:
+            break
+        worked.add(claimed[0].id)
+        moved += submit_batch(ctx, *claimed)
     return moved
 
 
-def claim_batches(ctx: DutyContext) -> list[Row]:
-    """Move due queued batches to `submitting` under our lease, within the token budget."""
+def claim_next(ctx: DutyContext, skip: Collection[str] = ()) -> tuple[Row, Lease] | None:
+    """Move the next due queued batch that fits the token budget (and is not in `skip`) to
+    `submitting` under our lease: the batch and its lease, or None when there is none (or we
+    may not claim now)."""
+    if not ctx.may_claim():
+        return None
     store, now = ctx.store, ctx.clock()
     limit = ctx.settings.enqueued_token_limit
-    claimed: list[Row] = []
     with store.write() as conn:
-        candidates = store.queued_candidates(conn, now, _CLAIM_LIMIT)
+        candidates = [
+            row
+            for row in store.queued_candidates(conn, now, _CLAIM_LIMIT + len(skip))
+            if row.id not in skip
+        ]
         if not candidates:
-            return []
+            return None
         open_tokens = store.open_tokens_by_model(conn) if limit else {}
         for row in candidates:
             if limit:
@@ -61,29 +88,33 @@ def claim_batches(ctx: DutyContext) -> list[Row]:
                 # A batch bigger than the whole budget still goes alone, else it would never go.
                 if in_flight and in_flight + row.estimated_tokens > limit:
                     continue
-                open_tokens[row.model] = in_flight + row.estimated_tokens
             taken = batches.claim_queued(
                 store, conn, row, owner=ctx.owner, now=now, lease_seconds=ctx.settings.lease_seconds
             )
             if taken is not None:
-                claimed.append(taken)
-    return claimed
+                return taken, Lease.of(taken)
+    return None
 
 
 def recover_submitting(ctx: DutyContext) -> int:
-    """Batches left in `submitting` by a dead daemon: adopt their remote batch, or requeue."""
-    store, now = ctx.store, ctx.clock()
+    """Batches left in `submitting` by a daemon that is gone (their lease ran out and their
+    holder is not alive; or ours ran out): adopt their remote batch, or requeue them."""
+    if not ctx.may_claim():
+        return 0
+    store, now, lease_seconds = ctx.store, ctx.clock(), ctx.settings.lease_seconds
     with store.read() as conn:
-        dead = dead_local_owners(store.lease_owners(conn), ctx.owner)
-        stale = store.stale_submitting(conn, now, dead)
+        live = live_owners(ctx, conn, now)
+        stale = store.stale_submitting(conn, now, ctx.owner, live)
     moved = 0
     for row in stale:
         with store.write() as conn:
-            if not store.take_lease(
-                conn, row.id, ctx.owner, now=now, seconds=ctx.settings.lease_seconds,
-                status=BatchStatus.SUBMITTING, free_owners=dead,
-            ):  # fmt: skip
-                continue
+            lease = store.take_lease(
+                conn, row.id, ctx.owner, now=now, seconds=lease_seconds,
+                status=BatchStatus.SUBMITTING, live_owners=live,
+            )  # fmt: skip
+        if lease is None:
+            continue
+        log.info("recovering batch", batch_id=row.id, previous_owner=row.lease_owner)
         try:
             found = ctx.provider.find_batch_by_metadata(
                 METADATA_KEY, row.id, created_after=int((row.submitting_at or now) - _CLOCK_SLACK)
@@ -94,19 +125,40 @@ def recover_submitting(ctx: DutyContext) -> int:
                 ctx, row.job_id, problems.problem_of(exc, "submit"), ProblemSource.SUBMIT,
                 batch_id=row.id,
             )  # fmt: skip
-            ctx.store.release_lease(row.id)
+            if not ctx.store.release_lease(lease):
+                _lost(ctx, lease, "releasing it after a failed lookup")
             continue
         if found is not None:
             log.info("adopting remote batch after restart", batch_id=row.id, remote_id=found.id)
-            adopt_remote(ctx, row, found)
+            done = adopt_remote(ctx, row, found, lease=lease)
         else:
             log.info("requeueing batch the remote never saw", batch_id=row.id)
-            _requeue(ctx, row, "recovered after a restart: the remote had no batch for it", 0.0)
-        moved += 1
+            done = _requeue(ctx, lease, "recovered: the remote had no batch for it", 0.0)
+        if done:
+            moved += 1
+        else:
+            _lost(ctx, lease, "recovering it")
     return moved
 
 
-def submit_batch(ctx: DutyContext, row: Row) -> int:
+def _renew_for_call(ctx: DutyContext, lease: Lease) -> Lease | None:
+    """Renew `lease` right before a remote call that creates something, to outlive the longest
+    that call can take (and `lease_seconds`); the renewed lease, or None when it was lost or
+    would not outlive the call (the call must not start)."""
+    # (A provider of the embedding program's that predates the attribute has no bound.)
+    bound = float(getattr(ctx.provider, "max_call_seconds", 0.0))
+    now = ctx.clock()
+    until = now + max(ctx.settings.lease_seconds, bound + _CALL_MARGIN)
+    with ctx.store.write() as conn:
+        renewed = batches.renew_lease(conn, lease, until=until)
+    if renewed is None or ctx.clock() + bound >= renewed.until:
+        return None
+    return renewed
+
+
+def submit_batch(ctx: DutyContext, row: Row, lease: Lease) -> int:
+    """Upload the batch's shard (unless uploaded before) and create its remote batch, under
+    `lease`. Returns 1 when the batch moved on, 0 when the lease was lost on the way."""
     store, provider, settings = ctx.store, ctx.provider, ctx.settings
     with store.read() as conn:
         job = jobs.job_of_batch(store, conn, row)
@@ -119,6 +171,10 @@ def submit_batch(ctx: DutyContext, row: Row) -> int:
     input_file_id = row.input_file_id
     try:
         if not input_file_id:
+            renewed = _renew_for_call(ctx, lease)
+            if renewed is None:
+                return _lost(ctx, lease, "before the upload")
+            lease = renewed
             uploaded = provider.upload_file(
                 Path(row.input_path),
                 f"jobqueue-{row.id}.jsonl",
@@ -126,7 +182,12 @@ def submit_batch(ctx: DutyContext, row: Row) -> int:
             )
             input_file_id = uploaded.id
             with store.write() as conn:
-                batches.set_input_file(conn, row.id, input_file_id)
+                if not batches.set_input_file(conn, lease, input_file_id):
+                    return _lost(ctx, lease, "recording the uploaded file", file_id=input_file_id)
+        renewed = _renew_for_call(ctx, lease)
+        if renewed is None:
+            return _lost(ctx, lease, "before the create")
+        lease = renewed
         remote = provider.create_batch(
             input_file_id=input_file_id,
             endpoint=job.endpoint,
@@ -136,40 +197,45 @@ def submit_batch(ctx: DutyContext, row: Row) -> int:
         )
     except TransientRemoteError as exc:
         if exc.maybe_created:
-            return _after_ambiguous_create(ctx, row, exc)
+            return _after_ambiguous_create(ctx, row, lease, exc)
         bound.debug("submission failed, will retry", error=str(exc))
-        _requeue(ctx, row, str(exc), backoff(row.submit_attempts, base=5.0, cap=600.0))
+        delay = backoff(row.submit_attempts, base=5.0, cap=600.0)
+        if not _requeue(ctx, lease, str(exc), delay):
+            return _lost(ctx, lease, "requeueing it")
         _report(ctx, row, exc)
         return 1
     except NotFoundError as exc:
         # The uploaded input file is gone (expired or deleted): upload it again next time.
         bound.warning("input file missing remotely, uploading again", error=str(exc))
         with store.write() as conn:
-            batches.set_input_file(conn, row.id, None)
-        _requeue(ctx, row, str(exc), 0.0)
-        return 1
+            if not batches.set_input_file(conn, lease, None):
+                return _lost(ctx, lease, "forgetting the missing file")
+        return 1 if _requeue(ctx, lease, str(exc), 0.0) else _lost(ctx, lease, "requeueing it")
     except PermanentRemoteError as exc:
         if exc.status in (401, 403):
             # A key or permission problem is the operator's to fix; failing every batch of
             # every job for it would throw the work away.
             bound.debug("remote refused our credentials; batch stays queued", error=str(exc))
-            _requeue(ctx, row, str(exc), backoff(row.submit_attempts, base=30.0, cap=900.0))
+            delay = backoff(row.submit_attempts, base=30.0, cap=900.0)
+            if not _requeue(ctx, lease, str(exc), delay):
+                return _lost(ctx, lease, "requeueing it")
             _report(ctx, row, exc)
             return 1
         bound.error("remote refused the batch", error=str(exc))
-        _fail(ctx, row, exc)
+        if not _fail(ctx, row, lease, exc):
+            return _lost(ctx, lease, "failing it")
         _report(ctx, row, exc)
         return 1
     except OSError as exc:
         bound.error("cannot read the shard", error=str(exc))
-        _fail(ctx, row, exc)
-        return 1
+        return 1 if _fail(ctx, row, lease, exc) else _lost(ctx, lease, "failing it")
     bound.info("submitted", remote_id=remote.id)
-    adopt_remote(ctx, row, remote, input_file_id=input_file_id)
+    if not adopt_remote(ctx, row, remote, lease=lease, input_file_id=input_file_id):
+        return _lost(ctx, lease, "adopting its remote batch", remote_id=remote.id)
     return 1
 
 
-def _after_ambiguous_create(ctx: DutyContext, row: Row, exc: RemoteError) -> int:
+def _after_ambiguous_create(ctx: DutyContext, row: Row, lease: Lease, exc: RemoteError) -> int:
     """The create may have reached the remote: look for it before trying again."""
     try:
         found: RemoteBatch | None = ctx.provider.find_batch_by_metadata(
@@ -178,14 +244,17 @@ def _after_ambiguous_create(ctx: DutyContext, row: Row, exc: RemoteError) -> int
     except RemoteError:
         found = None
     if found is not None:
-        adopt_remote(ctx, row, found)
+        if not adopt_remote(ctx, row, found, lease=lease):
+            return _lost(ctx, lease, "adopting its remote batch", remote_id=found.id)
         return 1
     _report(ctx, row, exc)
     # Not visible (yet): keep the batch in `submitting` with a short lease; recovery looks again
     # once it runs out, and only then requeues.
     with ctx.store.write() as conn:
-        batches.mark_create_uncertain(conn, row.id, error=str(exc), lease_until=ctx.clock() + 30.0)
-    return 1
+        kept = batches.mark_create_uncertain(
+            conn, lease, error=str(exc), lease_until=ctx.clock() + _UNCERTAIN_LEASE
+        )
+    return 1 if kept else _lost(ctx, lease, "after an uncertain create")
 
 
 def _report(ctx: DutyContext, row: Row, exc: RemoteError) -> None:
@@ -194,15 +263,32 @@ def _report(ctx: DutyContext, row: Row, exc: RemoteError) -> None:
     problems.report(ctx, row.job_id, problem, ProblemSource.SUBMIT, batch_id=row.id)
 
 
-def _requeue(ctx: DutyContext, row: Row, error: str, delay: float) -> None:
+def _lost(ctx: DutyContext, lease: Lease, step: str, **fields: object) -> int:
+    """The lease on a batch was lost (taken over, or given back): stop working on it."""
+    ctx.count("lost_leases")
+    log.warning(
+        "lease lost; leaving the batch to its new holder", batch_id=lease.batch_id, step=step,
+        **fields,
+    )  # fmt: skip
+    return 0
+
+
+def _requeue(ctx: DutyContext, lease: Lease, error: str, delay: float) -> bool:
     now = ctx.clock()
     with ctx.store.write() as conn:
-        batches.requeue_submitting(ctx.store, conn, row.id, error=error, delay=delay, now=now)
+        requeued = batches.requeue_submitting(
+            ctx.store, conn, lease, error=error, delay=delay, now=now
+        )
+    return requeued is not None
 
 
-def _fail(ctx: DutyContext, row: Row, exc: Exception) -> None:
+def _fail(ctx: DutyContext, row: Row, lease: Lease, exc: Exception) -> bool:
     now = ctx.clock()
     code = getattr(exc, "code", None) or "submission_refused"
     with ctx.store.write() as conn:
-        if batches.fail_submission(ctx.store, conn, row, code=code, error=str(exc), now=now):
-            settle_job(ctx.store, conn, row.job_id, now=now)
+        if not batches.fail_submission(
+            ctx.store, conn, row, lease, code=code, error=str(exc), now=now
+        ):
+            return False
+        settle_job(ctx.store, conn, row.job_id, now=now)
+    return True

@@ -30,7 +30,7 @@ import itertools
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +60,9 @@ class Dispatcher:
     single sink, else half of them; a sink's own `concurrency` attribute wins). A sink attribute
     `replay = True` (or `replay=True` here) makes a new sink start from the first stored event.
     `backoff_base`/`backoff_cap` shape the retry delays (`jobqueue.core.backoff.backoff`).
+    `free_owners()` names the lease owners known dead (a killed daemon's dispatcher): their
+    leases are taken over at once instead of when they run out; `may_claim()` false stops the
+    claims (a daemon whose heartbeat cannot be renewed); both are asked once a round.
     `clock` is the wall clock for every stored time; tests inject their own. A lane records
     its outcomes in one transaction per `flush_interval` seconds of delivering (not one per
     attempt), so recording costs few commits when a sink is fast; `run_forever` starts rounds
@@ -87,6 +90,8 @@ class Dispatcher:
         fan_out_limit: int = 1000,
         flush_interval: float = 0.05,
         coalesce: float = 0.02,
+        free_owners: Callable[[], Collection[str]] | None = None,
+        may_claim: Callable[[], bool] | None = None,
         failures: FailureLog | None = None,
     ) -> None:
         names = [sink.name for sink in sinks]
@@ -110,6 +115,8 @@ class Dispatcher:
         self.fan_out_limit = fan_out_limit
         self.flush_interval = flush_interval
         self.coalesce = coalesce
+        self.free_owners: Callable[[], Collection[str]] = free_owners or frozenset
+        self.may_claim: Callable[[], bool] = may_claim or (lambda: True)
         # A round that keeps failing (the database down) is logged once, then once a minute.
         self.failures = failures or FailureLog(log)
         default_lanes = workers if len(self.sinks) == 1 else max(1, workers // 2)
@@ -185,7 +192,7 @@ class Dispatcher:
 
     def _idle_timeout(self, interval: float) -> float:
         with self.store.read() as conn:
-            due = outbox.next_due(conn, self._names)
+            due = outbox.next_due(conn, self._names, self.free_owners())
         now = self.clock()
         # Past due but not claimed: held back behind its job's head, or no free lane; either
         # way a lane finishing wakes us. Future due (a retry backoff): sleep until then.
@@ -210,18 +217,21 @@ class Dispatcher:
     def _round(self) -> tuple[list[Future[int]], int]:
         now = self.clock()
         self._ensure_cursors(now)
+        claiming = self._free_workers() > 0 and self.may_claim()
+        free = self.free_owners() if claiming else frozenset()
         # Look first (a read takes no write lock): an idle round writes nothing.
         with self.store.read() as conn:
             plan = self._plan_fan_out(conn, now)
-            due = outbox.due_sinks(conn, self._names, now) if self._free_workers() else set()
+            due = outbox.due_sinks(conn, self._names, now, free) if claiming else set()
         if plan is None and not due:
             return [], 0
         claims: list[tuple[Sink, list[Claimed], int]] = []
         with self.store.write() as conn:
             if plan is not None:
                 self._apply_fan_out(conn, plan, now)
-                due |= plan.sinks
-            claims = self._claim(conn, due, now)
+                if claiming:
+                    due |= plan.sinks
+            claims = self._claim(conn, due, now, free)
         if plan is not None:
             self._after_fan_out(plan)
         return self._start_lanes(claims)
@@ -337,7 +347,9 @@ class Dispatcher:
         with self._lock:
             return self.workers - self._active
 
-    def _claim(self, conn: Any, due: set[str], now: float) -> list[tuple[Sink, list[Claimed], int]]:
+    def _claim(
+        self, conn: Any, due: set[str], now: float, dead_owners: Collection[str] = ()
+    ) -> list[tuple[Sink, list[Claimed], int]]:
         """Lease due deliveries of the sinks with free lanes: (sink, claimed, lanes) each."""
         if self._stopping.is_set() or not due:
             return []
@@ -362,6 +374,7 @@ class Dispatcher:
                 now,
                 now + self._lease_for(sink),
                 self.batch_size,
+                dead_owners,
             )
             if claimed:
                 lanes = min(free, len(claimed))

@@ -213,6 +213,12 @@ class Provider(Protocol):
     name: str
     max_requests_per_file: int
 
+    @property
+    def max_call_seconds(self) -> float:
+        """The longest a `create_batch` call can take, retries included: a daemon starts a
+        create only while its lease on the batch outlives it."""
+        ...
+
     def upload_file(
         self,
         path: Path,

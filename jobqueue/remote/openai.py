@@ -15,6 +15,14 @@ Two deliberate departures from the SDK:
   failure that may have happened once the request was sent (read/write timeout, dropped
   connection, 502/504 from a gateway whose upstream may have acted) it raises
   `TransientRemoteError(maybe_created=True)`: the caller looks the batch up by metadata.
+
+A create is also bounded in time: `max_call_seconds` is the longest it can take, retries
+included (each of the `max_retries + 1` attempts waits at most the connect timeout and the
+request timeout, and the retries sleep `max_retries * 8` s at most between them). A retry whose
+sleep would pass that (a long `Retry-After`) is not made: the create gives up with a
+`TransientRemoteError`, as after its last retry. A daemon starts a create only while its lease
+on the batch outlives `max_call_seconds`, so that no other daemon takes the batch over while the
+create may still take effect.
 """
 
 from __future__ import annotations
@@ -148,6 +156,7 @@ class OpenAIProvider:
         self._sleep = sleep
         self._rng = rng or random.Random()
         connect = min(timeout, 10.0)
+        self._attempt_seconds = connect + float(timeout)
         self._timeout = httpx.Timeout(timeout, connect=connect)
         # Big files: the server may take a while between chunks and to answer an upload.
         long = max(timeout, 300.0)
@@ -160,6 +169,16 @@ class OpenAIProvider:
             headers={"User-Agent": user_agent, "Accept": "application/json"},
             follow_redirects=False,
         )
+
+    @property
+    def max_call_seconds(self) -> float:
+        """The longest a create can take, retries and their sleeps included (see the module
+        docstring): what a daemon's lease must outlive when it starts one."""
+        return (self._max_retries + 1) * self._attempt_seconds + self._sleep_budget
+
+    @property
+    def _sleep_budget(self) -> float:
+        return self._max_retries * _MAX_DELAY
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -262,10 +281,13 @@ class OpenAIProvider:
         idempotent: bool = True,
         cancel: bool = False,
         timeout: httpx.Timeout | None = None,
+        bounded: bool = False,
     ) -> httpx.Response:
-        """One call with retries. `files` builds fresh multipart parts for each attempt."""
+        """One call with retries. `files` builds fresh multipart parts for each attempt.
+        `bounded`: the retries' sleeps stay within the budget of `max_call_seconds`."""
         content = orjson.dumps(json) if json is not None else None
         headers = {"Content-Type": "application/json"} if content is not None else None
+        slept = 0.0
         for attempt in range(self._max_retries + 1):
             last = attempt >= self._max_retries
             started = time.monotonic()
@@ -299,12 +321,13 @@ class OpenAIProvider:
                 if not idempotent and not isinstance(exc, _NOT_SENT):
                     self._log("remote.maybe_created", "warning", **fields)
                     raise TransientRemoteError(message, maybe_created=True) from exc
-                if last:
+                delay = self._retry_delay(attempt, None)
+                if last or (bounded and slept + delay > self._sleep_budget):
                     self._log("remote.failed", "warning", **fields)
                     raise TransientRemoteError(message) from exc
-                delay = self._retry_delay(attempt, None)
                 self._log("remote.retry", "warning", delay=round(delay, 3), **fields)
                 self._sleep(delay)
+                slept += delay
                 continue
 
             status = response.status_code
@@ -328,12 +351,13 @@ class OpenAIProvider:
             if not retry:
                 self._log("remote.refused", "info" if status == 404 else "warning", **fields)
                 raise self._error(response, PermanentRemoteError)
-            if last:
+            delay = self._retry_delay(attempt, response.headers)
+            if last or (bounded and slept + delay > self._sleep_budget):
                 self._log("remote.failed", "warning", **fields)
                 raise self._error(response, TransientRemoteError)
-            delay = self._retry_delay(attempt, response.headers)
             self._log("remote.retry", "warning", delay=round(delay, 3), **fields)
             self._sleep(delay)
+            slept += delay
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _json(self, response: httpx.Response, *, maybe_created: bool = False) -> dict[str, Any]:
@@ -557,7 +581,7 @@ class OpenAIProvider:
                 "anchor": "created_at",
                 "seconds": int(output_expires_after),
             }
-        response = self._request("POST", "batches", json=body, idempotent=False)
+        response = self._request("POST", "batches", json=body, idempotent=False, bounded=True)
         return RemoteBatch.from_api(self._json(response, maybe_created=True))
 
     def retrieve_batch(self, batch_id: str) -> RemoteBatch:

@@ -20,8 +20,9 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from jobqueue.duties.collect import collect_once
-from jobqueue.duties.context import DutyContext, make_owner
+from jobqueue.duties.context import DutyContext, Heartbeat, make_owner
 from jobqueue.duties.expire import expire_once
+from jobqueue.duties.heartbeat import heartbeat_once, mark_stopped, register
 from jobqueue.duties.reconcile import reconcile_once
 from jobqueue.duties.retry import retry_once
 from jobqueue.duties.submit import submit_once
@@ -34,8 +35,8 @@ from jobqueue.service.sdnotify import notify, watchdog_interval
 from jobqueue.settings import Settings
 from jobqueue.store import Store
 from jobqueue.store.daemons import (
-    forget_daemon,
-    heartbeat,
+    daemon_of_owner,
+    hooks_owner,
     is_unavailable,
     ping,
     start_cursors_at_open_jobs,
@@ -46,11 +47,6 @@ log = get_logger("jobqueue.service.daemon")
 # remembered and honoured right after), which APScheduler would report as a warning.
 _scheduler_logger = logging.getLogger("jobqueue.scheduler")
 _scheduler_logger.setLevel(logging.ERROR)
-# A running daemon records a heartbeat this often; others count it alive for HEARTBEAT_ALIVE.
-HEARTBEAT_SECONDS = 10.0
-HEARTBEAT_ALIVE = 60.0
-# Heartbeats older than this are of daemons that died without a word: removed.
-_HEARTBEAT_FORGET = 86400.0
 
 
 @dataclass
@@ -129,6 +125,9 @@ class Daemon:
         self.dispatcher: Dispatcher | None = None
         self._dispatch_stop = threading.Event()
         self._dispatch_thread: threading.Thread | None = None
+        # Lease owner names of the daemons known dead, as of our last heartbeat: their hook
+        # lanes are taken over at once.
+        self._dead_owners: frozenset[str] = frozenset()
 
     @property
     def owner(self) -> str:
@@ -143,8 +142,12 @@ class Daemon:
     def start(self) -> None:
         if self._scheduler is not None:
             return
+        # Registered, with a first heartbeat, before anything is claimed.
+        self.ctx.heartbeat = Heartbeat(self.settings.daemon_timeout)
+        register(self.ctx)
+        self.heartbeat()
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(len(self.duties) + 2)},
+            executors={"default": ThreadPoolExecutor(len(self.duties) + 3)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
             logger=_scheduler_logger,
@@ -156,8 +159,8 @@ class Daemon:
                 id=duty.name, name=duty.name, next_run_time=now,
             )  # fmt: skip
         scheduler.add_job(
-            self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat",
-            next_run_time=now,
+            self.heartbeat, "interval", seconds=self.settings.heartbeat_interval,
+            id="heartbeat", name="heartbeat",
         )  # fmt: skip
         interval = watchdog_interval()
         if interval:
@@ -186,11 +189,15 @@ class Daemon:
         try:
             with self.store.write() as conn:
                 released = self.store.release_leases(conn, self.owner)
-                forget_daemon(conn, self.owner)
             if released:
                 self.log.info("released leases", count=released)
         except Exception as exc:  # the database may be what failed; nothing more to do
             self.log.warning("could not release leases", error=str(exc))
+        if self.ctx.heartbeat is not None:
+            try:
+                mark_stopped(self.ctx)
+            except Exception as exc:  # its heartbeat goes stale instead
+                self.log.warning("could not mark the daemon stopped", error=str(exc))
         if self._own_provider:
             self.provider.close()
         self.log.info("daemon stopped")
@@ -217,7 +224,6 @@ class Daemon:
         """
         dispatcher = self._make_dispatcher()
         total = 0
-        self._heartbeat()
         try:
             for _ in range(max_rounds):
                 moved = sum(self._call(duty) for duty in self.duties.values())
@@ -251,9 +257,34 @@ class Daemon:
             return None
         self._start_config_cursors()
         return Dispatcher(
-            self.store, self.sinks, f"{self.owner}/hooks", clock=self.ctx.clock,
+            self.store, self.sinks, hooks_owner(self.owner), clock=self.ctx.clock,
+            free_owners=lambda: self._dead_owners, may_claim=self.ctx.may_claim,
             failures=self.failures,
         )  # fmt: skip
+
+    # -- heartbeat ------------------------------------------------------------------------------
+
+    def heartbeat(self) -> bool:
+        """Renew our heartbeat and look at the other daemons: the hook lanes of those found
+        dead are taken over at once. False when the heartbeat could not be renewed (nothing
+        is claimed until it can)."""
+        try:
+            liveness = heartbeat_once(self.ctx)
+        except Exception as exc:  # a scheduler job must not die of it; the next beat tries again
+            self.failures.failed("heartbeat", exc)
+            return False
+        self.failures.succeeded("heartbeat")
+        if liveness is None:
+            return False
+        dead = frozenset(name for d in liveness.dead for name in (d, hooks_owner(d)))
+        newly_dead = dead - self._dead_owners
+        self._dead_owners = dead
+        if newly_dead:
+            found = sorted({daemon_of_owner(name) for name in newly_dead})
+            self.log.info("daemons found dead or stopped", daemons=found)
+            if self.dispatcher is not None:
+                self.dispatcher.wake()
+        return True
 
     def _start_config_cursors(self) -> None:
         """A config hook seen for the first time starts with the events of the jobs still
@@ -351,18 +382,6 @@ class Daemon:
     def failed_duties(self) -> dict[str, str]:
         """The duties that failed (raised) at least once, with their last error."""
         return {name: s.last_error or "failed" for name, s in self._states.items() if s.errors}
-
-    def _heartbeat(self) -> None:
-        """Tell other processes (`jobqueue wait`) that this daemon runs."""
-        now = time.time()
-        try:
-            with self.store.write() as conn:
-                heartbeat(conn, self.store.dialect, self.owner, now)
-                forget_daemon(conn, "", before=now - _HEARTBEAT_FORGET)
-        except Exception as exc:
-            self.failures.failed("heartbeat", exc)
-            return
-        self.failures.succeeded("heartbeat")
 
     def duty_states(self) -> dict[str, dict[str, Any]]:
         return {

@@ -43,8 +43,9 @@ from jobqueue.core.states import (
 from jobqueue.files.sharing import create_with_umask
 from jobqueue.logs import get_logger
 from jobqueue.store import events
-from jobqueue.store.batches import insert_queued_batches
+from jobqueue.store.batches import Lease, held, insert_queued_batches, new_lease_token
 from jobqueue.store.batches import next_batch_number as _next_batch_number
+from jobqueue.store.batches import release as _release
 from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
 
 log = get_logger("jobqueue.store")
@@ -188,11 +189,14 @@ class Store:
         at: float | None = None,
         data: Mapping[str, Any] | None = None,
         now: float | None = None,
+        lease: Lease | None = None,
     ) -> Row | None:
         """Apply `source -> dest` if the row is still in `source`; return the new row, else None.
 
         An illegal edge raises `IllegalTransition` before anything is written. `at` is the time
-        the remote gives for the change; the local clock stamps it otherwise.
+        the remote gives for the change; the local clock stamps it otherwise. With `lease`, the
+        change is a lease holder's: it applies only while the batch is still under that lease
+        (same owner and token), and changes nothing otherwise.
         """
         _check(BATCH_MACHINE, "batch", batch_id, source, dest)
         now = time.time() if now is None else now
@@ -200,9 +204,12 @@ class Store:
         column = BATCH_TIME_COLUMN.get(dest)  # type: ignore[call-overload]
         if column and vals.get(column) is None:
             vals[column] = at if at is not None else now
+        fence = held(lease) if lease is not None else []
+        if lease is not None and lease.batch_id != batch_id:
+            raise ValueError(f"the lease is on batch {lease.batch_id}, not {batch_id}")
         row = conn.execute(
             update(batches_table)
-            .where(batches_table.c.id == batch_id, batches_table.c.status == source)
+            .where(batches_table.c.id == batch_id, batches_table.c.status == source, *fence)
             .values(**vals)
             .returning(*batches_table.c)
         ).first()
@@ -405,38 +412,44 @@ class Store:
         now: float,
         seconds: float,
         status: str | Iterable[str],
-        free_owners: Iterable[str] = (),
-    ) -> bool:
-        """Lease a batch to `owner` if it is in `status` and its lease is free, expired, ours,
-        or held by one of `free_owners` (owners known to be dead)."""
+        live_owners: Iterable[str] = (),
+    ) -> Lease | None:
+        """Lease a batch in `status` to `owner` until `now + seconds`, a new token drawn; the
+        lease, or None when it is not free.
+
+        A lease is free when it has no owner, or when it has run out and its owner is not one
+        of `live_owners` (daemons known alive): a live daemon keeps what it holds even past
+        its lease, since it may still be working on it. `owner`'s own lease is free to it once
+        it ran out (the new token fences off whatever step of ours still held the old one).
+        """
         statuses = [status] if isinstance(status, str) else list(status)
         b = batches_table
+        token = new_lease_token()
+        until = now + seconds
         result = conn.execute(
             update(b)
             .where(
                 b.c.id == batch_id,
                 b.c.status.in_(statuses),
-                or_(
-                    b.c.lease_owner.is_(None),
-                    b.c.lease_until.is_(None),
-                    b.c.lease_until < now,
-                    b.c.lease_owner == owner,
-                    b.c.lease_owner.in_(list(free_owners)),
-                ),
+                _lease_free(owner, now, live_owners),
             )
-            .values(lease_owner=owner, lease_until=now + seconds)
+            .values(lease_owner=owner, lease_until=until, lease_token=token)
         )
-        return bool(result.rowcount)
+        return Lease(batch_id, owner, token, until) if result.rowcount else None
 
-    def release_lease(self, batch_id: str) -> None:
-        """Give a batch back (a step failed and will be retried), in its own transaction."""
+    def release_lease(self, lease: Lease) -> bool:
+        """Give a batch back (a step failed and will be retried), in its own transaction.
+        Fenced: False, and nothing changed, when the lease was lost already."""
         with self.write() as conn:
-            self.update_batch(conn, batch_id, lease_owner=None, lease_until=None)
+            return _release(conn, lease)
 
     def release_leases(self, conn: Connection, owner: str) -> int:
+        """Give back every batch `owner` holds (a daemon stopping)."""
         b = batches_table
         result = conn.execute(
-            update(b).where(b.c.lease_owner == owner).values(lease_owner=None, lease_until=None)
+            update(b)
+            .where(b.c.lease_owner == owner)
+            .values(lease_owner=None, lease_until=None, lease_token=None)
         )
         return result.rowcount or 0
 
@@ -479,19 +492,16 @@ class Store:
         return {model: int(total or 0) for model, total in rows}
 
     def stale_submitting(
-        self, conn: Connection, now: float, dead_owners: Iterable[str]
+        self, conn: Connection, now: float, taker: str, live_owners: Iterable[str] = ()
     ) -> list[Row]:
+        """Batches in `submitting` whose lease `taker` may take over (see `take_lease`): to be
+        looked up remotely, then adopted or requeued."""
         b = batches_table
         return list(
             conn.execute(
-                select(b).where(
-                    b.c.status == BatchStatus.SUBMITTING,
-                    or_(
-                        b.c.lease_until.is_(None),
-                        b.c.lease_until < now,
-                        b.c.lease_owner.in_(list(dead_owners)),
-                    ),
-                )
+                select(b)
+                .where(b.c.status == BatchStatus.SUBMITTING, _lease_free(taker, now, live_owners))
+                .order_by(b.c.submitting_at, b.c.id)
             ).all()
         )
 
@@ -579,6 +589,17 @@ class Store:
                 ),
             )
         ).scalar_one()
+
+
+def _lease_free(taker: str, now: float, live_owners: Iterable[str]) -> Any:
+    """A batch lease `taker` may take: no owner, or run out and not held by a live daemon
+    other than `taker`."""
+    b = batches_table
+    others_alive = sorted(set(live_owners) - {taker})
+    run_out = or_(b.c.lease_until.is_(None), b.c.lease_until < now)
+    if not others_alive:
+        return or_(b.c.lease_owner.is_(None), run_out)
+    return or_(b.c.lease_owner.is_(None), and_(run_out, b.c.lease_owner.not_in(others_alive)))
 
 
 def _check(machine: Any, kind: str, row_id: str, source: str, dest: str) -> None:

@@ -7,10 +7,13 @@ one the remote refused, mark one collected) and hold the columns it writes, leas
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from jobqueue.core.ids import new_id
 from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
@@ -23,8 +26,57 @@ if TYPE_CHECKING:
     from jobqueue.store.base import Store
 
 B = BatchStatus
-_RELEASED = {"lease_owner": None, "lease_until": None}
+_RELEASED = {"lease_owner": None, "lease_until": None, "lease_token": None}
 _ERROR_LIMIT = 4000
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A holder's lease on a batch: who holds it, the token drawn when it was claimed, and
+    until when it runs. Every write the holder makes is fenced on `owner` and `token`: once the
+    lease was taken over (or given back), the write changes nothing."""
+
+    batch_id: str
+    owner: str
+    token: str
+    until: float
+
+    @classmethod
+    def of(cls, row: Row[Any]) -> Lease:
+        """The lease a claim's returned row holds."""
+        if row.lease_owner is None or row.lease_token is None:
+            raise ValueError(f"batch {row.id} is not leased")
+        return cls(row.id, row.lease_owner, row.lease_token, float(row.lease_until or 0.0))
+
+
+def new_lease_token() -> str:
+    return os.urandom(8).hex()
+
+
+def held(lease: Lease) -> list[ColumnElement[bool]]:
+    """WHERE clauses: the batch is still under `lease` (same owner, same token)."""
+    b = batches_table
+    return [
+        b.c.id == lease.batch_id,
+        b.c.lease_owner == lease.owner,
+        b.c.lease_token == lease.token,
+    ]
+
+
+def renew_lease(conn: Connection, lease: Lease, *, until: float) -> Lease | None:
+    """Extend a held lease to `until`; the renewed lease, or None when it was lost."""
+    result = conn.execute(update(batches_table).where(*held(lease)).values(lease_until=until))
+    return replace(lease, until=until) if result.rowcount else None
+
+
+def release(conn: Connection, lease: Lease) -> bool:
+    """Give a held batch back unchanged (a step failed and will be tried again). False when
+    the lease was lost already."""
+    result = conn.execute(update(batches_table).where(*held(lease)).values(**_RELEASED))
+    return bool(result.rowcount)
 
 
 # -- inserting ------------------------------------------------------------------------------
@@ -91,8 +143,8 @@ def last_shard_index(conn: Connection, job_id: str) -> int:
 def claim_queued(
     store: Store, conn: Connection, row: Row[Any], *, owner: str, now: float, lease_seconds: float
 ) -> Row[Any] | None:
-    """Move a queued batch to `submitting` under `owner`'s lease; the new row, or None when
-    another daemon claimed it first."""
+    """Move a queued batch to `submitting` under `owner`'s lease, a new lease token drawn;
+    the new row (`Lease.of(row)` is the lease), or None when another daemon claimed it first."""
     return store.transition_batch(
         conn,
         row.id,
@@ -101,6 +153,7 @@ def claim_queued(
         values={
             "lease_owner": owner,
             "lease_until": now + lease_seconds,
+            "lease_token": new_lease_token(),
             "submit_attempts": row.submit_attempts + 1,
             "not_before": None,
         },
@@ -108,27 +161,35 @@ def claim_queued(
     )
 
 
-def set_input_file(conn: Connection, batch_id: str, file_id: str | None) -> None:
-    """Record the batch's uploaded input file (None: gone remotely, upload it again)."""
-    _update(conn, batch_id, input_file_id=file_id)
+def set_input_file(conn: Connection, lease: Lease, file_id: str | None) -> bool:
+    """Record the batch's uploaded input file (None: gone remotely, upload it again). False,
+    and nothing written, when the lease was lost."""
+    result = conn.execute(update(batches_table).where(*held(lease)).values(input_file_id=file_id))
+    return bool(result.rowcount)
 
 
 def mark_create_uncertain(
-    conn: Connection, batch_id: str, *, error: str, lease_until: float
-) -> None:
+    conn: Connection, lease: Lease, *, error: str, lease_until: float
+) -> bool:
     """The remote create may have happened: keep the batch in `submitting`, its lease cut
-    short to `lease_until`, so that recovery looks for the remote batch once it runs out."""
-    _update(conn, batch_id, lease_until=lease_until, last_error=f"create uncertain: {error}")
+    short to `lease_until`, so that recovery looks for the remote batch once it runs out.
+    False, and nothing written, when the lease was lost."""
+    result = conn.execute(
+        update(batches_table)
+        .where(*held(lease))
+        .values(lease_until=lease_until, last_error=f"create uncertain: {error}"[:_ERROR_LIMIT])
+    )
+    return bool(result.rowcount)
 
 
 def requeue_submitting(
-    store: Store, conn: Connection, batch_id: str, *, error: str, delay: float, now: float
+    store: Store, conn: Connection, lease: Lease, *, error: str, delay: float, now: float
 ) -> Row[Any] | None:
     """Give a `submitting` batch back to `queued`, its lease released, not to be submitted
-    again for `delay` seconds."""
+    again for `delay` seconds. None, and nothing written, when the lease was lost."""
     return store.transition_batch(
         conn,
-        batch_id,
+        lease.batch_id,
         B.SUBMITTING,
         B.QUEUED,
         values={
@@ -138,21 +199,31 @@ def requeue_submitting(
         },
         data={"reason": error[:500], "retry_in_seconds": round(delay, 1)},
         now=now,
+        lease=lease,
     )
 
 
 def fail_submission(
-    store: Store, conn: Connection, row: Row[Any], *, code: str, error: str, now: float
+    store: Store,
+    conn: Connection,
+    row: Row[Any],
+    lease: Lease,
+    *,
+    code: str,
+    error: str,
+    now: float,
 ) -> bool:
     """The remote refused a `submitting` batch for good: it ends `failed` (nothing to collect)
-    and its pending requests fail with `code`. False when it was no longer submitting."""
+    and its pending requests fail with `code`. False, and nothing written, when the lease was
+    lost."""
     failed = store.transition_batch(
         conn,
-        row.id,
+        lease.batch_id,
         B.SUBMITTING,
         B.FAILED,
         values={**_RELEASED, "last_error": f"{code}: {error}"[:_ERROR_LIMIT], "collected_at": now},
         now=now,
+        lease=lease,
     )
     if failed is None:
         return False
@@ -163,16 +234,24 @@ def fail_submission(
 def mark_submitted(
     store: Store,
     conn: Connection,
-    batch_id: str,
+    lease: Lease,
     values: Mapping[str, Any],
     *,
     at: float | None,
     now: float,
 ) -> Row[Any] | None:
     """A `submitting` batch has its remote batch: record it (`values`: remote id, files, what
-    the remote said), release the lease, move to `validating` stamped `at`."""
+    the remote said), release the lease, move to `validating` stamped `at`. None, and nothing
+    written, when the lease was lost (another daemon adopted or requeued it meanwhile)."""
     return store.transition_batch(
-        conn, batch_id, B.SUBMITTING, B.VALIDATING, values={**values, **_RELEASED}, at=at, now=now
+        conn,
+        lease.batch_id,
+        B.SUBMITTING,
+        B.VALIDATING,
+        values={**values, **_RELEASED},
+        at=at,
+        now=now,
+        lease=lease,
     )
 
 
@@ -316,17 +395,22 @@ def report_once(
 
 def mark_collected(
     conn: Connection,
-    batch_id: str,
+    lease: Lease,
     *,
     output_path: str | None,
     error_path: str | None,
     now: float,
-) -> None:
-    """The batch's outcomes are recorded and its files stored: release its lease."""
-    _update(
-        conn, batch_id, collected_at=now, output_path=output_path, error_path=error_path,
-        **_RELEASED,
-    )  # fmt: skip
+) -> bool:
+    """The batch's outcomes are recorded and its files stored: release its lease. False, and
+    nothing written, when the lease was lost or the batch was collected already; call it
+    first in the transaction that records the outcomes, and record them only when it is True
+    (on PostgreSQL the row stays locked by it until that transaction ends)."""
+    result = conn.execute(
+        update(batches_table)
+        .where(*held(lease), batches_table.c.collected_at.is_(None))
+        .values(collected_at=now, output_path=output_path, error_path=error_path, **_RELEASED)
+    )
+    return bool(result.rowcount)
 
 
 def _update(conn: Connection, batch_id: str, **values: Any) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Connection,
     Row,
     and_,
+    case,
     delete,
     exists,
     func,
@@ -211,33 +212,48 @@ def _head_of_job() -> Any:
     )
 
 
-def _claimable(now: float) -> Any:
-    return and_(
-        d.c.status == PENDING,
-        d.c.next_attempt_at <= now,
-        or_(d.c.lease_until.is_(None), d.c.lease_until <= now),
-    )
+def _unleased(now: float, free_owners: Iterable[str] = ()) -> Any:
+    """No lease on the delivery: none, run out, or held by an owner known dead."""
+    free = sorted(set(free_owners))
+    conditions = [d.c.lease_until.is_(None), d.c.lease_until <= now]
+    if free:
+        conditions.append(d.c.lease_owner.in_(free))
+    return or_(*conditions)
 
 
-def due_sinks(conn: Connection, sinks: Iterable[str], now: float) -> set[str]:
-    """Which of `sinks` have a due, unleased pending delivery (a cheap read before claiming)."""
+def _claimable(now: float, free_owners: Iterable[str] = ()) -> Any:
+    return and_(d.c.status == PENDING, d.c.next_attempt_at <= now, _unleased(now, free_owners))
+
+
+def due_sinks(
+    conn: Connection, sinks: Iterable[str], now: float, free_owners: Iterable[str] = ()
+) -> set[str]:
+    """Which of `sinks` have a due, unleased pending delivery (a cheap read before claiming).
+    A lease of one of `free_owners` (owners known dead) counts as none."""
     names = list(sinks)
     if not names:
         return set()
     rows = conn.execute(
-        select(d.c.sink).where(d.c.sink.in_(names), _claimable(now)).group_by(d.c.sink)
+        select(d.c.sink).where(d.c.sink.in_(names), _claimable(now, free_owners)).group_by(d.c.sink)
     ).all()
     return {row[0] for row in rows}
 
 
-def next_due(conn: Connection, sinks: Iterable[str]) -> float | None:
-    """The earliest time a pending delivery of `sinks` becomes due (or its lease runs out)."""
+def next_due(
+    conn: Connection, sinks: Iterable[str], free_owners: Iterable[str] = ()
+) -> float | None:
+    """The earliest time a pending delivery of `sinks` becomes due (or its lease runs out; a
+    lease of one of `free_owners` counts as none)."""
     names = list(sinks)
     if not names:
         return None
     # The later of the two: SQLite's two-argument max() is PostgreSQL's greatest().
     later = func.greatest if conn.dialect.name == "postgresql" else func.max
-    due = later(d.c.next_attempt_at, func.coalesce(d.c.lease_until, 0.0))
+    free = sorted(set(free_owners))
+    lease_end: Any = func.coalesce(d.c.lease_until, 0.0)
+    if free:
+        lease_end = case((d.c.lease_owner.in_(free), 0.0), else_=lease_end)
+    due = later(d.c.next_attempt_at, lease_end)
     value = conn.execute(
         select(func.min(due)).where(d.c.sink.in_(names), d.c.status == PENDING)
     ).scalar()
@@ -252,16 +268,19 @@ def claim(
     now: float,
     lease_until: float,
     limit: int,
+    free_owners: Iterable[str] = (),
 ) -> list[Claimed]:
     """Lease up to `limit` due deliveries of `sink`, oldest event first, one per job at most.
 
     Only the head of each job's queue is claimable, so a job's events reach a sink in order and
-    a failing one holds back the later ones of its job only. PostgreSQL skips rows another
-    daemon is claiming (`FOR UPDATE SKIP LOCKED`); on SQLite the write transaction serialises.
+    a failing one holds back the later ones of its job only. A delivery leased by one of
+    `free_owners` (owners known dead: a killed daemon's lane) is taken over at once. PostgreSQL
+    skips rows another daemon is claiming (`FOR UPDATE SKIP LOCKED`); on SQLite the write
+    transaction serialises.
     """
     stmt = (
         select(d.c.id)
-        .where(d.c.sink == sink, _claimable(now), _head_of_job())
+        .where(d.c.sink == sink, _claimable(now, free_owners), _head_of_job())
         .order_by(d.c.event_seq)
         .limit(limit)
     )

@@ -112,9 +112,13 @@ class BatchRow(SQLModel, table=True):
     usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     errors: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
     last_error: str | None = Field(default=None, max_length=4096)
-    # Claiming: a daemon holds a batch while it works on it; an expired lease is free again.
+    # Claiming: a daemon holds a batch while it works on it. A lease is taken over only once it
+    # has run out and its owner is not a live daemon. Each claim draws a new `lease_token`, and
+    # every write the holder makes is fenced on (lease_owner, lease_token): a holder whose lease
+    # was taken over changes nothing.
     lease_owner: str | None = Field(default=None, max_length=128)
     lease_until: float | None = None
+    lease_token: str | None = Field(default=None, max_length=32)
     # Not to be submitted before this time (token-limit backoff, transient submit errors).
     not_before: float | None = None
     submit_attempts: int = 0
@@ -202,10 +206,27 @@ class EventRow(SQLModel, table=True):
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+class DaemonRow(SQLModel, table=True):
+    """A daemon (or any process running the duties) that shares the database: `id` is the
+    owner name in its leases. It renews `heartbeat_at` every few seconds; one whose heartbeat
+    is older than the daemon timeout, or that is stopped, is dead."""
+
+    __tablename__ = "daemons"
+
+    id: str = Field(primary_key=True, max_length=128)
+    host: str = Field(max_length=255)
+    pid: int
+    version: str = Field(max_length=64)
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None = None
+
+
 jobs_table = JobRow.__table__  # type: ignore[attr-defined]
 batches_table = BatchRow.__table__  # type: ignore[attr-defined]
 requests_table = RequestRow.__table__  # type: ignore[attr-defined]
 events_table = EventRow.__table__  # type: ignore[attr-defined]
+daemons_table = DaemonRow.__table__  # type: ignore[attr-defined]
 
 
 # -- hook deliveries ------------------------------------------------------------------------

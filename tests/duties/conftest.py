@@ -20,11 +20,12 @@ from sqlalchemy.engine import make_url
 from jobqueue.api import JobQueue
 from jobqueue.core.records import Job
 from jobqueue.duties.context import DutyContext
-from jobqueue.store import Store
+from jobqueue.store import Store, daemons
 from jobqueue.testing import Clock, InMemoryRemote
 from tests.factories import chat_file
 
 ENDPOINT = "/v1/chat/completions"
+CALL_TIMEOUT = 60.0
 
 
 class Crash(BaseException):
@@ -59,6 +60,22 @@ class World:
             store=store, provider=self.remote, settings=self.settings, owner=owner,
             clock=self.clock,
         )  # fmt: skip
+
+    def register(self, owner: str) -> None:
+        """Give `owner` a row in the daemons table, its heartbeat now: a daemon that registered
+        (its host and pid are those its name gives, as `make_owner` makes them)."""
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        with self.store.write() as conn:
+            daemons.register_daemon(
+                conn, daemon_id=owner, host=host, pid=int(pid) if pid.isdigit() else 0,
+                version="test", now=self.clock(),
+            )  # fmt: skip
+
+    def beat(self, owner: str) -> bool:
+        """Renew `owner`'s heartbeat at the clock's time."""
+        with self.store.write() as conn:
+            return daemons.renew_heartbeat(conn, owner, self.clock())
 
     def submit(self, n: int = 3, **options: Any) -> Job:
         source = chat_file(self.tmp_path / f"in-{len(self.jq.jobs())}.jsonl", n)
@@ -101,7 +118,10 @@ def make_world(
     def make(**settings: Any) -> World:
         clock = Clock()
         jq = JobQueue(database_url=db_url, data_dir=tmp_path / "data", **settings)
-        world = World(jq, clock, InMemoryRemote(clock=clock), tmp_path, db_url)
+        # Calls time out after a minute on the clock, as the HTTP client's would: the bound
+        # (`max_call_seconds`) a lease must outlive when a create starts.
+        remote = InMemoryRemote(clock=clock, call_timeout=CALL_TIMEOUT)
+        world = World(jq, clock, remote, tmp_path, db_url)
         made.append(world)
         return world
 

@@ -1,4 +1,5 @@
-"""dead_local_owners: which lease owners are processes of this host that no longer exist."""
+"""Liveness of the daemons (`jobqueue.duties.owners.judge`): from their rows' heartbeats and
+stops, and for daemons of this host, from whether their process still exists."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pytest
 
 from jobqueue.duties import owners
 from jobqueue.duties.context import make_owner
-from jobqueue.duties.owners import dead_local_owners
+from jobqueue.duties.owners import judge
+from jobqueue.store import Store, daemons
 
 HOST = socket.gethostname()
+NOW = 1_700_000_000.0
+TIMEOUT = 30.0
 
 
 def _dead_pid() -> int:
@@ -22,29 +26,62 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_only_gone_processes_of_this_host_are_dead() -> None:
-    gone = f"{HOST}:{_dead_pid()}:aaaaaa"
-    alive = f"{HOST}:{os.getppid()}:bbbbbb"
+def _register(store: Store, name: str, *, heartbeat: float = NOW, stopped: bool = False) -> None:
+    host, pid, _ = name.split(":")
+    with store.write() as conn:
+        daemons.register_daemon(
+            conn, daemon_id=name, host=host, pid=int(pid), version="t", now=heartbeat
+        )
+        if stopped:
+            daemons.mark_daemon_stopped(conn, name, heartbeat)
+
+
+def _judge(store: Store, me: str) -> tuple[set[str], set[str]]:
+    with store.read() as conn:
+        seen = judge(conn, me=me, now=NOW, timeout=TIMEOUT)
+    return set(seen.alive), set(seen.dead)
+
+
+def test_heartbeats_stops_and_gone_processes(store: Store) -> None:
     me = make_owner()
+    fresh = f"{HOST}:{os.getppid()}:aaaaaa"  # a live process of this host
+    gone = f"{HOST}:{_dead_pid()}:bbbbbb"  # its heartbeat is fresh, its process gone
     sibling = f"{HOST}:{os.getpid()}:cccccc"  # another context of this very process
-    listed = [gone, alive, me, sibling, "elsewhere:1:dddddd", "daemon-1", f"{HOST}:x:1", ""]
-    assert dead_local_owners(listed, me) == [gone]
+    elsewhere = "elsewhere:1:dddddd"  # another host: its heartbeat is all there is to go on
+    stale = "elsewhere:2:eeeeee"
+    stopped = "elsewhere:3:ffffff"
+    for name in (fresh, gone, sibling, elsewhere):
+        _register(store, name, heartbeat=NOW - TIMEOUT + 1)
+    _register(store, stale, heartbeat=NOW - TIMEOUT - 1)
+    _register(store, stopped, heartbeat=NOW, stopped=True)
+    alive, dead = _judge(store, me)
+    assert alive == {me, fresh, sibling, elsewhere}
+    assert dead == {gone, stale, stopped}
 
 
-def test_our_own_name_is_never_dead_even_with_a_gone_pid() -> None:
-    gone = f"{HOST}:{_dead_pid()}:aaaaaa"
-    assert dead_local_owners([gone], gone) == []
+def test_we_are_alive_whatever_our_row_says(store: Store) -> None:
+    me = f"{HOST}:{_dead_pid()}:aaaaaa"
+    _register(store, me, heartbeat=NOW - 1000, stopped=True)
+    assert _judge(store, f"{me}/hooks") == ({me}, set())
+
+
+def test_owners_without_a_row_are_neither_alive_nor_dead(store: Store) -> None:
+    assert _judge(store, "me") == ({"me"}, set())
+
+
+def test_a_process_we_may_not_signal_counts_as_alive(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    _register(store, f"{HOST}:1:aaaaaa")
+    monkeypatch.setattr(owners.os, "kill", refuse)
+    assert _judge(store, "me") == ({"me", f"{HOST}:1:aaaaaa"}, set())
 
 
 def test_make_owner_names_this_process() -> None:
     host, pid, tail = make_owner().split(":")
     assert (host, pid) == (HOST, str(os.getpid())) and len(tail) == 6
     assert make_owner() != make_owner()
-
-
-def test_a_process_we_may_not_signal_counts_as_alive(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(pid: int, sig: int) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(owners.os, "kill", refuse)
-    assert dead_local_owners([f"{HOST}:1:aaaaaa"], "me") == []
+    assert daemons.daemon_of_owner(daemons.hooks_owner("h:1:abc")) == "h:1:abc"

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Row
 
 from jobqueue.store import Store, batches
+from jobqueue.store.batches import Lease
 from jobqueue.store.tables import events_table
 from tests.store.helpers import (
     LEASE,
@@ -41,31 +42,42 @@ def claim_queued(store: Store, row: Row, owner: str = "d1") -> Row | None:
         return batches.claim_queued(store, conn, row, owner=owner, now=NOW, lease_seconds=LEASE)
 
 
-def set_input_file(store: Store, batch_id: str, file_id: str | None) -> None:
-    with store.write() as conn:
-        batches.set_input_file(conn, batch_id, file_id)
+def held(store: Store, batch_id: str) -> Lease:
+    """The lease the batch is under now, as its holder passes it to the holder's writes (these
+    are fenced on it: tests/store/test_fencing.py); a batch under none gets one nobody holds."""
+    row = get_batch(store, batch_id)
+    return Lease(batch_id, row.lease_owner or "-", row.lease_token or "-", row.lease_until or 0)
 
 
-def mark_create_uncertain(store: Store, batch_id: str, error: str, lease_until: float) -> None:
+def set_input_file(store: Store, batch_id: str, file_id: str | None) -> bool:
     with store.write() as conn:
-        batches.mark_create_uncertain(conn, batch_id, error=error, lease_until=lease_until)
+        return batches.set_input_file(conn, held(store, batch_id), file_id)
+
+
+def mark_create_uncertain(store: Store, batch_id: str, error: str, lease_until: float) -> bool:
+    lease = held(store, batch_id)
+    with store.write() as conn:
+        return batches.mark_create_uncertain(conn, lease, error=error, lease_until=lease_until)
 
 
 def requeue_submitting(store: Store, batch_id: str, error: str, delay: float) -> Row | None:
+    lease = held(store, batch_id)
     with store.write() as conn:
-        return batches.requeue_submitting(store, conn, batch_id, error=error, delay=delay, now=NOW)
+        return batches.requeue_submitting(store, conn, lease, error=error, delay=delay, now=NOW)
 
 
 def fail_submission(store: Store, row: Row, code: str, error: str) -> bool:
+    lease = held(store, row.id)
     with store.write() as conn:
-        return batches.fail_submission(store, conn, row, code=code, error=error, now=NOW)
+        return batches.fail_submission(store, conn, row, lease, code=code, error=error, now=NOW)
 
 
 def mark_submitted(
     store: Store, batch_id: str, values: dict[str, Any], at: float | None
 ) -> Row | None:
+    lease = held(store, batch_id)
     with store.write() as conn:
-        return batches.mark_submitted(store, conn, batch_id, values, at=at, now=NOW)
+        return batches.mark_submitted(store, conn, lease, values, at=at, now=NOW)
 
 
 def record_observed(store: Store, batch_id: str, **values: Any) -> None:
@@ -103,9 +115,10 @@ def report_once(store: Store, row: Row, kind: Any, data: dict[str, Any]) -> bool
         return batches.report_once(conn, row, kind, data, now=NOW)
 
 
-def mark_collected(store: Store, batch_id: str, output: str | None, error: str | None) -> None:
+def mark_collected(store: Store, batch_id: str, output: str | None, error: str | None) -> bool:
+    lease = held(store, batch_id)
     with store.write() as conn:
-        batches.mark_collected(conn, batch_id, output_path=output, error_path=error, now=NOW)
+        return batches.mark_collected(conn, lease, output_path=output, error_path=error, now=NOW)
 
 
 # -- inserting --------------------------------------------------------------------------------
@@ -163,7 +176,7 @@ def test_claim_queued_takes_a_queued_batch_once(store: Store) -> None:
 
 def test_input_file_and_an_uncertain_create(store: Store) -> None:
     _, [batch_id] = add_job(store, {"status": "submitting", "lease_owner": "d1",
-                                    "lease_until": NOW + LEASE})  # fmt: skip
+                                    "lease_token": "t1", "lease_until": NOW + LEASE})  # fmt: skip
     set_input_file(store, batch_id, "file_in")
     assert get_batch(store, batch_id).input_file_id == "file_in"
     mark_create_uncertain(store, batch_id, "timed out", NOW + 30)
@@ -176,7 +189,8 @@ def test_input_file_and_an_uncertain_create(store: Store) -> None:
 
 def test_requeue_submitting_releases_and_delays(store: Store) -> None:
     job_id, [later, now_again] = add_job(
-        store, *({"status": "submitting", "lease_owner": "d1", "lease_until": NOW + 9}
+        store, *({"status": "submitting", "lease_owner": "d1", "lease_token": "t1",
+                   "lease_until": NOW + 9}
                  for _ in "ab"),
     )  # fmt: skip
     row = requeue_submitting(store, later, "x" * 5000, delay=12.34)
@@ -195,7 +209,9 @@ def test_requeue_submitting_releases_and_delays(store: Store) -> None:
 
 def test_fail_submission_ends_the_batch_and_its_requests(store: Store) -> None:
     job_id, [batch_id, other] = add_job(
-        store, {"status": "submitting", "lease_owner": "d1", "requests": 2}, {"status": "queued"}
+        store,
+        {"status": "submitting", "lease_owner": "d1", "lease_token": "t1", "requests": 2},
+        {"status": "queued"},
     )
     row = get_batch(store, batch_id)
     assert fail_submission(store, row, "invalid_request", "bad model")
@@ -219,7 +235,9 @@ def test_fail_submission_ends_the_batch_and_its_requests(store: Store) -> None:
 
 
 def test_mark_submitted_records_the_remote_batch(store: Store) -> None:
-    _, [a, b] = add_job(store, *({"status": "submitting", "lease_owner": "d1"} for _ in "ab"))
+    _, [a, b] = add_job(
+        store, *({"status": "submitting", "lease_owner": "d1", "lease_token": t} for t in "ab")
+    )
     row = mark_submitted(store, a, {"remote_id": "batch_r1", "input_file_id": "f1"}, at=NOW - 7)
     assert row is not None
     assert (row.status, row.remote_id, row.input_file_id, row.lease_owner) == (
@@ -354,7 +372,8 @@ def test_overdue_and_stuck_are_reported_once_each(store: Store) -> None:
 
 def test_mark_collected_stores_the_paths_and_releases_the_lease(store: Store) -> None:
     _, [batch_id] = add_job(store, {"status": "completed", "remote_id": "r",
-                                    "lease_owner": "d1", "lease_until": NOW + 5})  # fmt: skip
+                                    "lease_owner": "d1", "lease_token": "t1",
+                                    "lease_until": NOW + 5})  # fmt: skip
     mark_collected(store, batch_id, "/out.jsonl", None)
     row = get_batch(store, batch_id)
     assert (row.collected_at, row.output_path, row.error_path) == (NOW, "/out.jsonl", None)

@@ -2,8 +2,9 @@
 
 A daemon claims queued batches by moving them to `submitting` under its lease, and takes a
 lease on a batch in another status (recovery of `submitting`, collection of ended batches). A
-lease is free when it has no owner, has run out, is the taker's own, or belongs to an owner
-known to be dead.
+lease is free when it has no owner, or when it has run out and its owner is not a live daemon
+(the taker's own run-out lease is free to it). Each claim draws a new lease token; what the
+holder writes is fenced on it (tests/store/test_fencing.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import pytest
 from sqlalchemy import Connection, Row
 
 from jobqueue.store import Store, batches
+from jobqueue.store.batches import Lease
 from tests.store.helpers import LEASE, NOW, InThread, add_job, get_batch, second_store
 
 # -- the operations under test ----------------------------------------------------------------
@@ -46,17 +47,22 @@ def take_lease(
     status: str | list[str],
     *,
     seconds: float = LEASE,
-    free_owners: tuple[str, ...] = (),
-) -> bool:
+    live_owners: tuple[str, ...] = (),
+) -> Lease | None:
     with store.write() as conn:
         return store.take_lease(
-            conn, batch_id, owner, now=now, seconds=seconds, status=status, free_owners=free_owners
+            conn, batch_id, owner, now=now, seconds=seconds, status=status, live_owners=live_owners
         )
 
 
-def release_lease(store: Store, batch_id: str, owner: str) -> None:
-    """Give the batch back. `owner` is who gives it back: today's operation does not ask."""
-    store.release_lease(batch_id)
+def renew_lease(store: Store, lease: Lease, until: float) -> Lease | None:
+    with store.write() as conn:
+        return batches.renew_lease(conn, lease, until=until)
+
+
+def release_lease(store: Store, lease: Lease) -> bool:
+    """Give the batch back: only its holder can (the lease it gives back is the one it holds)."""
+    return store.release_lease(lease)
 
 
 def release_leases(store: Store, owner: str) -> int:
@@ -69,9 +75,11 @@ def lease_owners(store: Store) -> list[str]:
         return store.lease_owners(conn)
 
 
-def stale_submitting(store: Store, now: float, dead: tuple[str, ...] = ()) -> list[Row]:
+def stale_submitting(
+    store: Store, now: float, taker: str = "taker", live: tuple[str, ...] = ()
+) -> list[Row]:
     with store.read() as conn:
-        return store.stale_submitting(conn, now, dead)
+        return store.stale_submitting(conn, now, taker, live)
 
 
 def set_batch(store: Store, batch_id: str, **values: Any) -> None:
@@ -164,17 +172,22 @@ def test_two_claimers_at_once_claim_each_batch_once(store: Store, db_url: str) -
 
 def test_take_renew_expire_and_take_over(store: Store) -> None:
     _, [batch_id] = add_job(store, {"status": "completed", "remote_id": "batch_r"})
-    assert take_lease(store, batch_id, "d1", NOW, "completed")
+    first = take_lease(store, batch_id, "d1", NOW, "completed")
+    assert first is not None and first.until == NOW + LEASE
     assert lease_of(store, batch_id) == ("d1", NOW + LEASE)
-    # Held: nobody else takes it, up to and including its last instant.
+    # Held: nobody takes it, up to and including its last instant, its owner neither.
     assert not take_lease(store, batch_id, "d2", NOW + 1, "completed")
     assert not take_lease(store, batch_id, "d2", NOW + LEASE, "completed")
+    assert not take_lease(store, batch_id, "d1", NOW + 10, "completed")
     # Its owner renews it.
-    assert take_lease(store, batch_id, "d1", NOW + 10, "completed")
-    assert lease_of(store, batch_id) == ("d1", NOW + 10 + LEASE)
-    # Run out: another owner takes it over, and the first one cannot renew it any more.
-    assert take_lease(store, batch_id, "d2", NOW + 11 + LEASE, "completed", seconds=30)
+    renewed = renew_lease(store, first, NOW + 10 + LEASE)
+    assert renewed is not None and lease_of(store, batch_id) == ("d1", NOW + 10 + LEASE)
+    # Run out, d1 not known alive: another owner takes it over, and the first one can neither
+    # renew it nor take it back.
+    second = take_lease(store, batch_id, "d2", NOW + 11 + LEASE, "completed", seconds=30)
+    assert second is not None and second.token != first.token
     assert lease_of(store, batch_id) == ("d2", NOW + 41 + LEASE)
+    assert renew_lease(store, renewed, NOW + 1000 + LEASE) is None
     assert not take_lease(store, batch_id, "d1", NOW + 12 + LEASE, "completed")
     assert lease_of(store, batch_id) == ("d2", NOW + 41 + LEASE)
 
@@ -188,12 +201,15 @@ def test_a_lease_is_taken_only_in_the_given_status(store: Store) -> None:
     assert not take_lease(store, "batch_missing", "d1", NOW, "submitting")
 
 
-def test_a_dead_owners_lease_is_free_before_it_runs_out(store: Store) -> None:
+def test_a_live_owners_lease_is_kept_past_its_end(store: Store) -> None:
     _, [batch_id] = add_job(store, {"status": "submitting"})
-    assert take_lease(store, batch_id, "host:1:dead", NOW, "submitting")
-    assert not take_lease(store, batch_id, "d2", NOW + 1, "submitting", free_owners=("other",))
-    assert take_lease(store, batch_id, "d2", NOW + 1, "submitting", free_owners=("host:1:dead",))
-    assert lease_of(store, batch_id) == ("d2", NOW + 1 + LEASE)
+    assert take_lease(store, batch_id, "host:1:live", NOW, "submitting")
+    after = NOW + LEASE + 1
+    live = ("host:1:live", "d2")
+    assert not take_lease(store, batch_id, "d2", after, "submitting", live_owners=live)
+    assert lease_of(store, batch_id) == ("host:1:live", NOW + LEASE)
+    assert take_lease(store, batch_id, "d2", after, "submitting", live_owners=("d2", "other"))
+    assert lease_of(store, batch_id) == ("d2", after + LEASE)
 
 
 def test_a_lease_without_an_end_is_free(store: Store) -> None:
@@ -203,11 +219,15 @@ def test_a_lease_without_an_end_is_free(store: Store) -> None:
 
 def test_release_gives_the_batch_back(store: Store) -> None:
     _, [a, b, c] = add_job(store, *({"status": "completed"} for _ in range(3)))
-    for batch_id, owner in ((a, "d1"), (b, "d1"), (c, "d2")):
-        assert take_lease(store, batch_id, owner, NOW, "completed")
+    leases = {
+        batch_id: take_lease(store, batch_id, owner, NOW, "completed")
+        for batch_id, owner in ((a, "d1"), (b, "d1"), (c, "d2"))
+    }
     assert sorted(lease_owners(store)) == ["d1", "d2"]
-    release_lease(store, c, "d2")
+    held = leases[c]
+    assert held is not None and release_lease(store, held)
     assert lease_of(store, c) == (None, None)
+    assert not release_lease(store, held)  # given back already
     assert take_lease(store, c, "d3", NOW + 1, "completed")
     # Every lease of an owner at once (a daemon stopping): the others keep theirs.
     assert release_leases(store, "d1") == 2
@@ -216,36 +236,33 @@ def test_release_gives_the_batch_back(store: Store) -> None:
     assert lease_owners(store) == ["d3"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Store.release_lease(batch_id) is not fenced on the lease: a daemon whose lease ran "
-    "out and was taken over frees the new owner's lease (DESIGN.md: every write a lease holder "
-    "makes is fenced on its lease)",
-)
 def test_a_former_owner_cannot_release_the_new_owners_lease(store: Store) -> None:
     _, [batch_id] = add_job(store, {"status": "completed"})
-    assert take_lease(store, batch_id, "d1", NOW, "completed")
+    old = take_lease(store, batch_id, "d1", NOW, "completed")
+    assert old is not None
     assert take_lease(store, batch_id, "d2", NOW + LEASE + 1, "completed")
-    release_lease(store, batch_id, "d1")  # d1's download failed late: it gives back "its" batch
+    # d1's download failed late: it gives back "its" batch, and changes nothing.
+    assert not release_lease(store, old)
     assert lease_of(store, batch_id) == ("d2", NOW + 2 * LEASE + 1)
 
 
 def test_stale_submitting_is_what_recovery_may_take(store: Store) -> None:
-    _, [live, expired, endless, dead, _queued] = add_job(
+    _, [running, expired, endless, alive, mine, _queued] = add_job(
         store,
         {"status": "submitting", "lease_owner": "d1", "lease_until": NOW + 10},
         {"status": "submitting", "lease_owner": "d1", "lease_until": NOW - 1},
         {"status": "submitting"},
-        {"status": "submitting", "lease_owner": "host:9:gone", "lease_until": NOW + 10},
+        {"status": "submitting", "lease_owner": "host:9:live", "lease_until": NOW - 1},
+        {"status": "submitting", "lease_owner": "taker", "lease_until": NOW - 1},
         {"status": "queued", "lease_owner": "d1", "lease_until": NOW - 1},
     )
-    assert {r.id for r in stale_submitting(store, NOW)} == {expired, endless}
-    assert {r.id for r in stale_submitting(store, NOW, ("host:9:gone",))} == {
-        expired,
-        endless,
-        dead,
-    }
-    assert {r.id for r in stale_submitting(store, NOW + 11)} == {live, expired, endless, dead}
+    everything_run_out = {expired, endless, alive, mine}
+    assert {r.id for r in stale_submitting(store, NOW)} == everything_run_out
+    live = ("host:9:live", "taker")
+    assert {r.id for r in stale_submitting(store, NOW, live=live)} == {expired, endless, mine}
+    assert {r.id for r in stale_submitting(store, NOW + 11, live=live)} == {
+        running, expired, endless, mine,
+    }  # fmt: skip
 
 
 def test_update_batch_changes_only_the_given_columns(store: Store) -> None:

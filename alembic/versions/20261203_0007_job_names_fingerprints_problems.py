@@ -7,8 +7,8 @@ second open job for one file; `retry_of` links a retry job to the job it retries
 columns say why an open job is not moving. Existing jobs get none of them.
 
 Revision ID: 0007
-Revises: 0004 (to be re-chained after 0005 and 0006 land)
-Create Date: 2026-11-28 09:00:00
+Revises: 0005 (0006, of another branch, is still to land: re-chain then)
+Create Date: 2026-12-03 09:00:00
 """
 
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
