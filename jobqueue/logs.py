@@ -202,7 +202,9 @@ class FailureLog:
                 **fields,
             )  # fmt: skip
 
-    def succeeded(self, what: str) -> None:
+    def succeeded(self, what: str, *, outage_over: bool = True) -> None:
+        """`what` worked: close what was open for it, and the outage unless `outage_over` is
+        false (it worked without asking the database anything)."""
         if not self._open:  # the common case: nothing to close, no lock taken
             return
         now = self.clock()
@@ -210,7 +212,7 @@ class FailureLog:
             closed = [
                 (key, self._open.pop(key))
                 for key in list(self._open)
-                if key == self.OUTAGE or key.startswith(f"{what}:")
+                if (key == self.OUTAGE and outage_over) or key.startswith(f"{what}:")
             ]
         for key, state in closed:
             message = "database available again" if key == self.OUTAGE else "duty works again"

@@ -192,8 +192,13 @@ def test_process_after_a_crash_goes_on_with_its_job(
     args = [sys.executable, "-m", "jobqueue", "--database-url", db_url, "process", str(source),
             "-e", ENDPOINT, "-o", str(out)]  # fmt: skip
     first = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    def running() -> bool:
+        with JobQueue(database_url=db_url, data_dir=data_dir) as jq:
+            return [job.status for job in jq.jobs()] == ["running"]
+
     try:
-        wait_until(lambda: len(emulator.emulator.batches()) == 1, timeout=60)
+        wait_until(running, timeout=60)  # submitted: its remote batch sits in validating
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)

@@ -273,9 +273,9 @@ class Daemon:
         except Exception as exc:  # a scheduler job must not die of it; the next beat tries again
             self.failures.failed("heartbeat", exc)
             return False
-        self.failures.succeeded("heartbeat")
         if liveness is None:
             return False
+        self.failures.succeeded("heartbeat")
         dead = frozenset(name for d in liveness.dead for name in (d, hooks_owner(d)))
         newly_dead = dead - self._dead_owners
         self._dead_owners = dead
@@ -376,7 +376,9 @@ class Daemon:
             state.runs += 1
             state.last_run = time.time()
             self.ctx.count(f"duty_seconds.{duty.name}", time.perf_counter() - started)
-        self.failures.succeeded(duty.name)
+        # A duty held back by a stale heartbeat (no claims) may not have asked the database
+        # anything: its success says nothing of an outage.
+        self.failures.succeeded(duty.name, outage_over=self.ctx.may_claim())
         return moved
 
     def failed_duties(self) -> dict[str, str]:
