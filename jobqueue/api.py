@@ -8,31 +8,38 @@ job = jq.submit("requests.jsonl", endpoint="/v1/chat/completions")
 from __future__ import annotations
 
 import errno
+import re
 import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from jobqueue import tokens
 from jobqueue.core.durations import parse_duration
-from jobqueue.core.ids import new_id
-from jobqueue.core.records import Delivery, Event, Job
+from jobqueue.core.ids import looks_like_id, new_id
+from jobqueue.core.records import Delivery, Event, Job, RunReport, ShardPlan, SubmitPlan
 from jobqueue.core.states import BatchStatus, JobStatus
 from jobqueue.files import inputs
+from jobqueue.files.fingerprint import content_sha256, fingerprint
 from jobqueue.files.sharing import share_with_group
 from jobqueue.logs import get_logger
 from jobqueue.settings import Settings, load_settings
 from jobqueue.store import DatabaseError as DatabaseError  # re-exported: the CLI catches it
-from jobqueue.store import Store, outbox
+from jobqueue.store import Store, lookup, outbox
 from jobqueue.store import StoreError as StoreError  # re-exported: the CLI catches it
 from jobqueue.store.coordination import DaemonAlreadyRunning as DaemonAlreadyRunning  # the CLI too
+from jobqueue.store.daemons import daemons_heard_since
 from jobqueue.store.intake import RequestIndexLoader, batch_number_for
 from jobqueue.store.lifecycle import request_cancel
 from jobqueue.store.metrics import retried_request_count
+from jobqueue.store.problems import retry_held_now
+from jobqueue.store.reruns import failed_requests
 from jobqueue.store.results import iter_result_lines, write_result_lines
 
 if TYPE_CHECKING:
@@ -56,8 +63,31 @@ class JobQueueError(Exception):
 
 
 class JobNotFound(JobQueueError):
+    """No job has that id, name or prefix: bad input, exit code 2."""
+
+    exit_code = 2
+
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id!r}")
+
+
+class AmbiguousJob(JobQueueError):
+    """A prefix that more than one job's id starts with; `matches` lists them."""
+
+    exit_code = 2
+
+    def __init__(self, ref: str, matches: list[Job], more: bool) -> None:
+        self.matches = matches
+        lines = [f"{ref!r} is ambiguous: it matches {'these' if not more else 'more'} jobs"]
+        for job in matches:
+            name = f"  {job.name}" if job.name else ""
+            lines.append(
+                f"  {job.short_id or job.id}  {job.id}  {job.status}  "
+                f"{job.created_at:%Y-%m-%d %H:%M:%S}{name}"
+            )
+        if more:
+            lines.append("  … (type more digits)")
+        super().__init__("\n".join(lines))
 
 
 class EventNotFound(JobQueueError):
@@ -67,6 +97,25 @@ class EventNotFound(JobQueueError):
 
 class InvalidOptions(JobQueueError):
     exit_code = 2
+
+
+class DuplicateJob(InvalidOptions):
+    """An open job exists for the same input file and options (`allow_duplicate` to submit
+    anyway); `job` is it."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        named = f" ({job.name})" if job.name else ""
+        super().__init__(
+            f"job {job.id}{named} for the same file and options is still {job.status}: wait "
+            f"for it (`jobqueue wait {job.short_id or job.id}`), or submit with "
+            "--allow-duplicate to queue a second one"
+        )
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+JOB_STATUSES = tuple(s.value for s in JobStatus)
+OPEN_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 class StorageError(JobQueueError):
@@ -133,14 +182,37 @@ class JobQueue:
         deadline: str | float | None = None,
         max_batch_requests: int | None = None,
         max_batch_bytes: int | None = None,
+        name: str | None = None,
+        allow_duplicate: bool = True,
     ) -> Job:
         """Validate and shard a JSONL file, record the job and its batches as `queued`.
 
-        Streams the file once. A bad file raises `inputs.InputError` naming every problem with
-        its line, and nothing is recorded: no job row, no shard file.
+        Streams the file once (and hashes it once: the job's fingerprint is the file's sha256
+        with its options). A bad file raises `inputs.InputError` naming every problem with its
+        line, and nothing is recorded: no job row, no shard file. With `allow_duplicate=False`
+        (what `jobqueue submit` does unless `--allow-duplicate`), a file whose job (same
+        content, same options) is still open raises `DuplicateJob`.
+        `name` names the job: unique, letters, digits, `.`, `_`, `-`, not hex digits alone.
         """
-        source = Path(path)
-        options = self._job_options(
+        options = self._options(
+            endpoint, completion_window, metadata, max_attempts, deadline, max_batch_requests,
+            max_batch_bytes,
+        )  # fmt: skip
+        return self._submit(
+            Path(path), endpoint, options, name=name, allow_duplicate=allow_duplicate
+        )
+
+    def _options(
+        self,
+        endpoint: str,
+        completion_window: str | None,
+        metadata: Mapping[str, str] | None,
+        max_attempts: int | None,
+        deadline: str | float | None,
+        max_batch_requests: int | None,
+        max_batch_bytes: int | None,
+    ) -> dict[str, Any]:
+        return self._job_options(
             endpoint,
             completion_window or self.settings.completion_window,
             metadata or {},
@@ -149,16 +221,29 @@ class JobQueue:
             max_batch_requests,
             max_batch_bytes,
         )
+
+    def _submit(
+        self,
+        source: Path,
+        endpoint: str,
+        options: dict[str, Any],
+        *,
+        name: str | None = None,
+        allow_duplicate: bool = False,
+        retry_of: str | None = None,
+    ) -> Job:
+        if name is not None:
+            _check_name(name)
+        content = content_sha256(source)
+        print_ = fingerprint(content, endpoint, options) if content is not None else None
+        with self.store.read() as conn:
+            self._refuse_duplicates(conn, print_, name, allow_duplicate)
         now = time.time()
         job_id = new_id("job")
         jobs_dir = self.data_dir / "jobs"
         staging = jobs_dir / f"{job_id}.staging"
         final = jobs_dir / job_id / "input"
-        limits = inputs.Limits(
-            max_requests=options["max_batch_requests"],
-            max_bytes=options["max_batch_bytes"],
-            max_embedding_inputs=min(options["max_batch_requests"], 50_000),
-        )
+        limits = _limits(options)
         try:
             # One transaction from the first shard to the commit: the request index is written
             # while the file is still being read (see `intake`), and a refused file leaves
@@ -169,6 +254,9 @@ class JobQueue:
                     prepared = inputs.prepare_input(
                         source, endpoint, staging, limits, on_shard=loader.add
                     )
+                # Again in the transaction that records the job: another submit of the same
+                # file (or name) may have committed meanwhile.
+                self._refuse_duplicates(conn, print_, name, allow_duplicate)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 shards = prepared.move_to(final).shards
                 job = {
@@ -186,6 +274,9 @@ class JobQueue:
                     "max_batch_bytes": options["max_batch_bytes"],
                     "request_count": prepared.requests,
                     "bytes": prepared.bytes,
+                    "name": name,
+                    "fingerprint": print_,
+                    "retry_of": retry_of,
                     "created_at": now,
                     "updated_at": now,
                 }
@@ -224,6 +315,93 @@ class JobQueue:
             bytes=prepared.bytes,
         )
         return self.get(job_id)
+
+    def _refuse_duplicates(
+        self, conn: Any, print_: str | None, name: str | None, allow_duplicate: bool
+    ) -> None:
+        if name is not None:
+            taken = lookup.job_by_name(conn, name)
+            if taken is not None:
+                raise InvalidOptions(f"the name {name!r} is taken by job {taken.id}")
+        if print_ is None or allow_duplicate:
+            return
+        found = lookup.jobs_with_fingerprint(conn, print_, open_only=True)
+        if found:
+            raise DuplicateJob(self._with_short_ids(conn, [Job.from_row(found[0])])[0])
+
+    def job_for_file(
+        self,
+        path: str | Path,
+        endpoint: str,
+        *,
+        completion_window: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        max_attempts: int | None = None,
+        deadline: str | float | None = None,
+        max_batch_requests: int | None = None,
+        max_batch_bytes: int | None = None,
+    ) -> Job | None:
+        """The newest job made from this file's content with these options (what `submit`
+        with them would make), whether it is open or ended; None when there is none, or when
+        its local files were purged. `jobqueue process` finds its job again this way."""
+        options = self._options(
+            endpoint, completion_window, metadata, max_attempts, deadline, max_batch_requests,
+            max_batch_bytes,
+        )  # fmt: skip
+        content = content_sha256(Path(path))
+        if content is None:
+            return None
+        with self.store.read() as conn:
+            found = lookup.jobs_with_fingerprint(conn, fingerprint(content, endpoint, options))
+        for row in found:
+            if row.purged_at is None:
+                return self.get(row.id)
+        return None
+
+    def plan(
+        self,
+        path: str | Path,
+        endpoint: str,
+        *,
+        completion_window: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        max_attempts: int | None = None,
+        deadline: str | float | None = None,
+        max_batch_requests: int | None = None,
+        max_batch_bytes: int | None = None,
+        name: str | None = None,
+    ) -> SubmitPlan:
+        """What `submit` would record, without recording anything (`submit --dry-run`): the
+        file is validated and sharded in a temporary directory that is removed afterwards,
+        and each shard's tokens are estimated (`jobqueue.tokens`: input tokens by a heuristic,
+        output tokens by the requests' own bounds). Raises what `submit` would raise."""
+        options = self._options(
+            endpoint, completion_window, metadata, max_attempts, deadline, max_batch_requests,
+            max_batch_bytes,
+        )  # fmt: skip
+        if name is not None:
+            _check_name(name)
+            with self.store.read() as conn:
+                self._refuse_duplicates(conn, None, name, True)
+        source = Path(path)
+        content = content_sha256(source)
+        duplicate = None
+        if content is not None:
+            with self.store.read() as conn:
+                found = lookup.jobs_with_fingerprint(
+                    conn, fingerprint(content, endpoint, options), open_only=True
+                )
+            duplicate = found[0].id if found else None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".dry-run-", dir=self.data_dir))
+        try:
+            prepared = inputs.prepare_input(
+                source, endpoint, scratch / "input", _limits(options), sync=False
+            )
+            shards = tuple(_shard_plan(endpoint, shard) for shard in prepared.shards)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return SubmitPlan(str(source.resolve()), endpoint, options, shards, duplicate_of=duplicate)
 
     def _job_options(
         self,
@@ -271,34 +449,67 @@ class JobQueue:
     # -- queries ----------------------------------------------------------------------------
 
     def job_row(self, conn: Any, job_id: str) -> Any:
-        """The job's row, by id or unambiguous prefix; `JobNotFound` when there is none."""
-        row = self.store.find_job(conn, job_id)
-        if row is None:
+        """The job's row, by id, name or unambiguous prefix (of the id, or of its random part;
+        with or without `job_`): `JobNotFound` when there is none, `AmbiguousJob` (listing
+        them) when the prefix matches several."""
+        found = lookup.find_jobs(conn, job_id, limit=11)
+        if not found:
             raise JobNotFound(job_id)
-        return row
+        if len(found) > 1:
+            matches = self._with_short_ids(conn, [Job.from_row(row) for row in found[:10]])
+            raise AmbiguousJob(job_id, matches, more=len(found) > 10)
+        return found[0]
 
     def get(self, job_id: str) -> Job:
-        """A job with its batches. Accepts an unambiguous prefix of the id."""
+        """A job with its batches, by id, name or unambiguous prefix (see `job_row`)."""
         with self.store.read() as conn:
             row = self.job_row(conn, job_id)
-            return Job.from_row(row, self.store.job_batches(conn, row.id))
+            job = Job.from_row(row, self.store.job_batches(conn, row.id))
+            return self._with_short_ids(conn, [job])[0]
 
     def jobs(self, status: str | None = None, *, limit: int | None = None) -> list[Job]:
-        """Jobs, newest first (without their batches)."""
+        """Jobs, newest first (without their batches). `status` is one of `JOB_STATUSES`."""
+        if status is not None and status not in JOB_STATUSES:
+            raise InvalidOptions(f"no job status {status!r}: use one of {', '.join(JOB_STATUSES)}")
         with self.store.read() as conn:
-            return [Job.from_row(row) for row in self.store.list_jobs(conn, status, limit)]
+            jobs = [Job.from_row(row) for row in self.store.list_jobs(conn, status, limit)]
+            return self._with_short_ids(conn, jobs)
+
+    def short_ids(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """The short form of each id: the shortest prefix of its random part (at least six
+        digits) that names no other job, the form `get` takes back."""
+        with self.store.read() as conn:
+            return lookup.short_ids(conn, job_ids)
+
+    def _with_short_ids(self, conn: Any, jobs: list[Job]) -> list[Job]:
+        from dataclasses import replace
+
+        shorts = lookup.short_ids(conn, [job.id for job in jobs])
+        return [replace(job, short_id=shorts.get(job.id)) for job in jobs]
+
+    def daemons_alive(self) -> list[str]:
+        """The ids of the daemons running on this database (this process's own, `start()`,
+        included): those of the `daemons` table not stopped whose heartbeat is younger than
+        `daemon_timeout`. Empty when none is."""
+        since = time.time() - self.settings.daemon_timeout
+        with self.store.read() as conn:
+            seen = daemons_heard_since(conn, since)
+        if self._daemon is not None and self._daemon.running and self._daemon.owner not in seen:
+            seen.append(self._daemon.owner)
+        return seen
 
     def events(
         self, job_id: str | None = None, *, after: int | None = None, limit: int | None = None
     ) -> list[Event]:
-        """Outbox events in order, for one job or all."""
+        """Outbox events in order, for one job or all: with `after`, those after that sequence
+        number (the first `limit` of them: pages forward); without, the newest `limit`."""
         with self.store.read() as conn:
             if job_id is not None:
                 job_id = self.job_row(conn, job_id).id
-            return [
-                Event.from_row(r)
-                for r in self.store.events(conn, job_id, after_seq=after, limit=limit)
-            ]
+            rows = self.store.events(
+                conn, job_id, after_seq=after, limit=limit, newest=after is None
+            )
+            return [Event.from_row(r) for r in rows]
 
     def retried_requests(self, job_id: str) -> int:
         """How many of the job's requests needed more than one attempt."""
@@ -453,16 +664,82 @@ class JobQueue:
             if server is not None:
                 server.stop()
 
-    def run_once(self, *, provider: Provider | None = None) -> int:
+    def run_once(self, *, provider: Provider | None = None) -> RunReport:
         """Run the duties in this thread until a whole round moves nothing (hook deliveries due
-        now included); return how many steps were taken. With several daemons on PostgreSQL it
-        runs the leader's duties (reconcile, expire) only if no other daemon leads; on SQLite,
+        now included). The report holds the steps taken, the duties that failed, and the jobs
+        still open (with their problems). With several daemons on PostgreSQL it runs the
+        leader's duties (reconcile, expire) only if no other daemon leads; on SQLite,
         `DaemonAlreadyRunning` when a daemon runs on the database file."""
         daemon = self._new_daemon(provider)
+        with self.store.write() as conn:
+            retry_held_now(conn)  # the operator may have fixed it: try at once, see again
         try:
-            return daemon.run_once()
+            steps = daemon.run_once()
         finally:
             daemon.stop()
+        return RunReport(
+            steps=steps, failed_duties=daemon.failed_duties(), still_open=tuple(self._open_jobs())
+        )
+
+    def run_until_done(
+        self,
+        job_ids: Sequence[str] | None = None,
+        *,
+        provider: Provider | None = None,
+        stop: threading.Event | None = None,
+        poll: float = 1.0,
+        on_poll: Callable[[list[Job]], object] | None = None,
+        stop_on_operator: bool = True,
+    ) -> RunReport:
+        """Run the duties (in background threads of this process) until no job is open: every
+        job of the database, or only `job_ids`. Stops early when `stop` is set, or, with
+        `stop_on_operator`, when every open job waits on a problem only the operator can fix
+        (a refused key, a used-up quota): it would wait for ever. `on_poll(open_jobs)` is called
+        every `poll` seconds. The report lists the jobs that ended, those still open, and the
+        duties that failed meanwhile."""
+        wanted = None
+        if job_ids is not None:
+            with self.store.read() as conn:
+                wanted = [self.job_row(conn, ref).id for ref in job_ids]
+        stop = stop or threading.Event()
+        seen: dict[str, None] = {}
+        daemon = self._new_daemon(provider)
+        with self.store.write() as conn:
+            retry_held_now(conn, wanted)  # the operator may have fixed it: try at once
+        daemon.start()
+        try:
+            while True:
+                open_jobs = self._open_jobs(wanted)
+                seen.update(dict.fromkeys(job.id for job in open_jobs))
+                if on_poll is not None:
+                    on_poll(open_jobs)
+                if not open_jobs:
+                    break
+                # Held up for good: a problem only the operator can fix, seen in this run (one
+                # left from an earlier run may be fixed by now; it is tried first).
+                confirmed = daemon.stats.get("problems_seen", {})
+                if stop_on_operator and all(
+                    job.needs_operator and job.id in confirmed for job in open_jobs
+                ):
+                    break
+                if stop.wait(poll):
+                    break
+        finally:
+            daemon.stop()
+        ids = list(dict.fromkeys([*(wanted or []), *seen]))
+        with self.store.read() as conn:
+            rows = [row for job_id in ids if (row := self.store.get_job(conn, job_id))]
+            jobs = self._with_short_ids(conn, [Job.from_row(row) for row in rows])
+        return RunReport(
+            failed_duties=daemon.failed_duties(),
+            ended=tuple(job for job in jobs if job.done),
+            still_open=tuple(job for job in jobs if not job.done),
+        )
+
+    def _open_jobs(self, job_ids: Sequence[str] | None = None) -> list[Job]:
+        with self.store.read() as conn:
+            jobs = [Job.from_row(row) for row in lookup.open_jobs(conn, job_ids)]
+            return self._with_short_ids(conn, jobs)
 
     def _new_daemon(self, provider: Provider | None) -> Daemon:
         from jobqueue.service.daemon import Daemon
@@ -497,21 +774,31 @@ class JobQueue:
 
     # -- results ----------------------------------------------------------------------------
 
-    def results(self, job_id: str, *, errors_only: bool = False) -> Iterator[dict[str, Any]]:
+    def results(
+        self, job_id: str, *, errors_only: bool = False, partial: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """One record per request, in input order, in the batch output line shape
         (`custom_id`, `response`, `error`): the latest attempt's outcome. Requests that never
-        ran carry the `batch_cancelled` or `batch_expired` error."""
-        for line in self._result_lines(job_id, errors_only=errors_only):
+        ran carry the `batch_cancelled` or `batch_expired` error. `partial`: only the requests
+        that have their final outcome already (the results so far of a running job)."""
+        for line in self._result_lines(job_id, errors_only=errors_only, partial=partial):
             yield orjson.loads(line)
 
-    def export_results(self, job_id: str, out: IO[bytes], *, errors_only: bool = False) -> int:
-        """Write the results as JSONL in input order to a binary stream; return lines written."""
+    def export_results(
+        self, job_id: str, out: IO[bytes], *, errors_only: bool = False, partial: bool = False
+    ) -> int:
+        """Write the results as JSONL in input order to a binary stream; return lines written.
+        `partial`: as for `results`."""
         number, paths = self._result_paths(job_id)
-        return write_result_lines(self.store, number, paths, out, errors_only=errors_only)
+        return write_result_lines(
+            self.store, number, paths, out, errors_only=errors_only, final_only=partial
+        )
 
-    def _result_lines(self, job_id: str, *, errors_only: bool) -> Iterator[bytes]:
+    def _result_lines(self, job_id: str, *, errors_only: bool, partial: bool) -> Iterator[bytes]:
         number, paths = self._result_paths(job_id)
-        for _row, line in iter_result_lines(self.store, number, paths, errors_only=errors_only):
+        for _row, line in iter_result_lines(
+            self.store, number, paths, errors_only=errors_only, final_only=partial
+        ):
             yield line
 
     def _result_paths(self, job_id: str) -> tuple[int, dict[int, dict[str, str]]]:
@@ -535,6 +822,68 @@ class JobQueue:
         }
 
     # -- control ----------------------------------------------------------------------------
+
+    def retry(self, job_id: str, *, codes: Sequence[str] = (), name: str | None = None) -> Job:
+        """A new attempt at an ended job's failed requests: a new job, linked to the old one
+        (`retry_of`), holding their lines in input order, with the old job's options (its
+        deadline as a duration from now). `codes` keeps only requests whose error code
+        (`batch_expired`, `server_error`, …) or HTTP status (`500`) is one of them. The old
+        job and its results stay as they are; the new job's results are the retried requests'.
+        Raises `InvalidOptions` when the job is still open, its files were purged, or nothing
+        failed (with those codes); `DuplicateJob` when a retry of the same requests is open."""
+        with self.store.read() as conn:
+            row = self.job_row(conn, job_id)
+        if row.status in OPEN_STATUSES:
+            raise InvalidOptions(
+                f"job {row.id} is still {row.status}: retry its failed requests once it ends"
+            )
+        if row.purged_at is not None:
+            raise InvalidOptions(f"the files of job {row.id} were deleted: nothing to retry from")
+        lines = self._failed_lines(row, list(codes))
+        if not lines:
+            which = f" with code {', '.join(codes)}" if codes else ""
+            raise InvalidOptions(f"job {row.id} has no failed requests{which} to retry")
+        retries = Path(row.input_dir).parent / "retries"
+        retries.mkdir(parents=True, exist_ok=True)
+        source = retries / f"retry-{new_id('r')[2:]}.jsonl"
+        with source.open("wb") as f:
+            for _position, line in sorted(lines.items()):
+                f.write(line if line.endswith(b"\n") else line + b"\n")
+        deadline = (
+            max(1.0, row.deadline_at - row.created_at) if row.deadline_at is not None else None
+        )
+        options = self._options(
+            row.endpoint, row.completion_window, dict(row.user_metadata or {}),
+            row.max_attempts, deadline, row.max_batch_requests, row.max_batch_bytes,
+        )  # fmt: skip
+        try:
+            job = self._submit(source, row.endpoint, options, name=name, retry_of=row.id)
+        except BaseException:
+            source.unlink(missing_ok=True)
+            raise
+        log.info("retry job submitted", job_id=job.id, retry_of=row.id, requests=len(lines))
+        return job
+
+    def _failed_lines(self, row: Any, codes: list[str]) -> dict[int, bytes]:
+        """position -> input line, of the job's failed requests (with `codes`), read from the
+        shards that hold their latest attempt."""
+        wanted: dict[str, dict[str, int]] = {}
+        for page in failed_requests(self.store, row.id, row.number, codes):
+            for request in page:
+                wanted.setdefault(request.input_path, {})[request.custom_id] = request.position
+        lines: dict[int, bytes] = {}
+        for path, positions in wanted.items():
+            try:
+                with open(path, "rb") as f:
+                    for line in f:
+                        if not line.strip():
+                            continue
+                        position = positions.get(orjson.loads(line).get("custom_id"))
+                        if position is not None and position not in lines:
+                            lines[position] = line
+            except OSError as exc:
+                raise JobQueueError(f"cannot read the shard {path}: {exc.strerror}") from None
+        return lines
 
     def cancel(self, job_id: str, *, provider: Provider | None = None) -> Job:
         """Cancel a job: queued batches end at once; submitted ones are cancelled remotely now
@@ -571,6 +920,43 @@ class JobQueue:
         finally:
             if provider is None:
                 remote.close()
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise InvalidOptions(
+            f"job name {name!r}: 1 to 64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    if looks_like_id(name):
+        raise InvalidOptions(
+            f"job name {name!r} looks like a job id (hex digits, or `job_`): pick another"
+        )
+
+
+def _limits(options: Mapping[str, Any]) -> inputs.Limits:
+    return inputs.Limits(
+        max_requests=options["max_batch_requests"],
+        max_bytes=options["max_batch_bytes"],
+        max_embedding_inputs=min(options["max_batch_requests"], 50_000),
+    )
+
+
+def _shard_plan(endpoint: str, shard: inputs.Shard) -> ShardPlan:
+    """A shard's size and token estimate (`jobqueue.tokens`), read back from its file."""
+    input_tokens = 0
+    output: int | None = 0
+    with open(shard.path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            guess = tokens.estimate(endpoint, orjson.loads(line).get("body"))
+            input_tokens += guess.input_tokens
+            if output is not None:
+                output = (
+                    None if guess.max_output_tokens is None else output + guess.max_output_tokens
+                )
+    return ShardPlan(shard.index, shard.model, shard.requests, shard.bytes, input_tokens, output)
 
 
 def _provider_class(name: str) -> Any:

@@ -183,7 +183,7 @@ class Settings(BaseSettings):
     http_timeout: float = Field(default=10.0, gt=0)
     http_max_connections: int = Field(default=64, ge=1)
     hooks: list[HookConfig] = Field(default_factory=list)
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @field_validator(
@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     @classmethod
     def _durations(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _heartbeat_within_timeout(self) -> Settings:

@@ -294,7 +294,7 @@ def test_run_without_an_api_key_is_one_line(tmp_path: Path, capsys) -> None:
     assert code == 2
     assert err.strip().splitlines() == [
         "error: no API key for https://api.openai.com/v1: set OPENAI_API_KEY "
-        "(or `api_key` in the config file)"
+        "(under systemd, the credential openai_api_key)"
     ]
 
 

@@ -189,8 +189,9 @@ def test_a_submit_from_the_cli_wakes_a_running_daemon_at_once(
     args = ["--database-url", queue.store.url, "--data-dir", str(queue.data_dir)]
     for i in range(4):
         time.sleep(0.3 * i)  # at different points of the daemon's 2 s submit tick
-        source = chat_file(tmp_path / f"in-{i}.jsonl", 3)
-        assert main([*args, "submit", str(source), "--endpoint", ENDPOINT, "--json"]) == 0
+        source = chat_file(tmp_path / f"in-{i}.jsonl", 3)  # the same requests each time
+        submit = [*args, "submit", str(source), "--endpoint", ENDPOINT, "--allow-duplicate"]
+        assert main([*submit, "--json"]) == 0
         job = queue.jobs(limit=1)[0]
         wait_until(lambda job=job: queue.get(job.id).batches[0].status != "queued", timeout=5)
         events = {e.type: e.created_at for e in queue.events(job.id)}

@@ -48,18 +48,27 @@ def test_what_an_unreported_request_counts_as() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cancel", "deadline", "succeeded", "statuses", "expected"),
+    ("cancel", "deadline", "succeeded", "statuses", "total", "expected"),
     [
-        (True, NOW - 1, 5, ["completed"], JobStatus.CANCELLED),  # the user's cancel wins
-        (False, NOW, 5, ["completed"], JobStatus.EXPIRED),
-        (False, None, 0, ["failed", "failed"], JobStatus.FAILED),  # nothing ran
-        (False, None, 1, ["failed", "completed"], JobStatus.COMPLETED),
-        (False, None, 0, ["failed", "expired"], JobStatus.COMPLETED),  # some of it ran
-        (False, NOW + 1, 0, [], JobStatus.COMPLETED),  # an empty job
+        (True, NOW - 1, 5, ["cancelled"], 8, JobStatus.CANCELLED),  # the user's cancel wins
+        (True, None, 5, ["completed"], None, JobStatus.CANCELLED),  # total unknown
+        # A cancel that came after every request had succeeded changed nothing.
+        (True, None, 5, ["completed"], 5, JobStatus.COMPLETED),
+        (True, None, 4, ["completed"], 5, JobStatus.CANCELLED),  # one failed: it stays
+        (False, NOW, 5, ["completed"], 5, JobStatus.EXPIRED),
+        (False, None, 0, ["failed", "failed"], 5, JobStatus.FAILED),  # nothing ran
+        (False, None, 1, ["failed", "completed"], 5, JobStatus.COMPLETED),
+        (False, None, 0, ["failed", "expired"], 5, JobStatus.COMPLETED),  # some of it ran
+        (False, NOW + 1, 0, [], 0, JobStatus.COMPLETED),  # an empty job
     ],
 )
 def test_job_end_status(
-    cancel: bool, deadline: float | None, succeeded: int, statuses: list[str], expected: JobStatus
+    cancel: bool,
+    deadline: float | None,
+    succeeded: int,
+    statuses: list[str],
+    total: int | None,
+    expected: JobStatus,
 ) -> None:
     got = job_end_status(
         cancel_requested=cancel,
@@ -67,6 +76,7 @@ def test_job_end_status(
         now=NOW,
         requests_succeeded=succeeded,
         batch_statuses=iter(statuses),
+        requests_total=total,
     )
     assert got == expected
 

@@ -166,7 +166,7 @@ def test_cli_submit_json_and_status_json(
     submitted = json.loads(out)
     assert submitted["status"] == "queued"
     assert (submitted["batches"], submitted["requests"]) == (3, 120)
-    assert set(submitted) == {"id", "status", "batches", "requests"}
+    assert set(submitted) == {"id", "short_id", "name", "status", "batches", "requests"}
     code, out, _ = _cli(capsys, db_url, "status", submitted["id"], "--json")
     assert code == 0
     status = json.loads(out)
@@ -198,7 +198,7 @@ def test_cli_bad_file_exit_2_names_lines_and_caps_at_20(
 
 def test_cli_errors_are_one_line(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _cli(capsys, db_url, "status", "job_doesnotexist")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""  # a job that does not exist is bad input
     assert err.strip().splitlines() == ["error: no job 'job_doesnotexist'"]
     code, _, err = _cli(capsys, db_url, "submit", "/nonexistent.jsonl", "-e", "/v1/embeddings")
     assert code == 2 and "Traceback" not in err and "nonexistent.jsonl" in err

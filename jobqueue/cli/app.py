@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import typer
@@ -19,7 +19,23 @@ from rich.table import Table
 from rich.text import Text
 
 from jobqueue.api import DaemonAlreadyRunning, DatabaseError, JobQueue, JobQueueError, StoreError
-from jobqueue.core.records import Delivery, Event, Job
+from jobqueue.cli.options import (
+    AttemptsOption,
+    BatchBytesOption,
+    BatchRequestsOption,
+    DeadlineOption,
+    DuplicateOption,
+    EndpointOption,
+    FileArgument,
+    JobArgument,
+    MetadataOption,
+    NameOption,
+    WindowOption,
+    complete_job,
+    job_label,
+    submit_options,
+)
+from jobqueue.core.records import Delivery, Event, Job, SubmitPlan
 from jobqueue.core.states import BATCH_TERMINAL
 from jobqueue.files.inputs import InputError
 from jobqueue.logs import configure_logging
@@ -29,7 +45,9 @@ app = typer.Typer(
     name="jobqueue",
     help="A durable job queue for OpenAI-style Batch APIs.",
     no_args_is_help=True,
-    add_completion=False,
+    # `--install-completion` / `--show-completion`: typer's shell completion (bash, zsh, fish,
+    # PowerShell), commands and options, job ids and names for JOB arguments.
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -41,6 +59,17 @@ stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatt
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+JobStatusName = Literal["queued", "running", "completed", "failed", "cancelled", "expired"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from jobqueue.version import __version__
+
+        stdout.print(f"jobqueue {__version__}", markup=False)
+        raise typer.Exit()
 
 
 class _Context:
@@ -75,21 +104,35 @@ def _root(
         typer.Option("--data-dir", help="Overrides JOBQUEUE_DATA_DIR.", show_default=False),
     ] = None,
     log_level: Annotated[
-        str,
+        LogLevel,
         typer.Option(
-            "--log-level", envvar="JOBQUEUE_LOG_LEVEL", help="debug, info, warning, error."
+            "--log-level",
+            envvar="JOBQUEUE_LOG_LEVEL",
+            help="debug, info, warning, error.",
+            case_sensitive=False,
         ),
     ] = "info",
     log_format: Annotated[
-        str,
+        LogFormat,
         typer.Option(
             "--log-format",
             envvar="JOBQUEUE_LOG_FORMAT",
             help="auto (console on a terminal, else json), json, console.",
+            case_sensitive=False,
         ),
     ] = "auto",
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
-    configure_logging(log_level, log_format)
+    # A level given on purpose is kept; the default one goes quiet (warnings only) while the
+    # process runs in the background of its terminal (`jobqueue run &` beside `jobqueue wait`).
+    source = ctx.get_parameter_source("log_level")
+    explicit = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    configure_logging(log_level.lower(), log_format.lower(), quiet_in_background=not explicit)
     state = _Context(config, {"database_url": database_url, "data_dir": data_dir})
     ctx.obj = state
     ctx.call_on_close(state.close)
@@ -106,80 +149,45 @@ def _print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
-def _parse_metadata(pairs: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--metadata")
-        out[key] = value
-    return out
-
-
 # -- submit ---------------------------------------------------------------------------------
 
 
 @app.command()
 def submit(
     ctx: typer.Context,
-    file: Annotated[
-        Path,
-        typer.Argument(help="JSONL of requests: custom_id, method, url, body.", metavar="FILE"),
-    ],
-    endpoint: Annotated[
-        str, typer.Option("--endpoint", "-e", help="Remote endpoint, e.g. /v1/chat/completions.")
-    ],
-    completion_window: Annotated[
-        str | None,
-        typer.Option("--completion-window", help="Remote completion window. [default: 24h]"),
-    ] = None,
-    metadata: Annotated[
-        list[str] | None,
-        typer.Option("--metadata", "-m", help="KEY=VALUE put on every remote batch; repeatable."),
-    ] = None,
-    max_attempts: Annotated[
-        int | None,
+    file: FileArgument,
+    endpoint: EndpointOption,
+    completion_window: WindowOption = None,
+    metadata: MetadataOption = None,
+    max_attempts: AttemptsOption = None,
+    deadline: DeadlineOption = None,
+    max_batch_requests: BatchRequestsOption = None,
+    max_batch_bytes: BatchBytesOption = None,
+    name: NameOption = None,
+    allow_duplicate: DuplicateOption = False,
+    dry_run: Annotated[
+        bool,
         typer.Option(
-            "--max-attempts", min=1, help="Attempts per request, retries included. [default: 3]"
+            "--dry-run", help="Validate FILE and print the plan (batches, tokens); record nothing."
         ),
-    ] = None,
-    deadline: Annotated[
-        str | None,
-        typer.Option("--deadline", help="End the job 'expired' after this long, e.g. 48h."),
-    ] = None,
-    max_batch_requests: Annotated[
-        int | None,
-        typer.Option(
-            "--max-batch-requests", min=1, help="Requests per remote batch. [default: 50000]"
-        ),
-    ] = None,
-    max_batch_bytes: Annotated[
-        int | None,
-        typer.Option(
-            "--max-batch-bytes", min=1024, help="Bytes per batch input file. [default: 200 MB]"
-        ),
-    ] = None,
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Validate and shard FILE, and queue it as one job. Prints the job id."""
-    job = (
-        _state(ctx)
-        .queue()
-        .submit(
-            file,
-            endpoint,
-            completion_window=completion_window,
-            metadata=_parse_metadata(metadata or []),
-            max_attempts=max_attempts,
-            deadline=deadline,
-            max_batch_requests=max_batch_requests,
-            max_batch_bytes=max_batch_bytes,
-        )
+    queue = _state(ctx).queue()
+    options = submit_options(
+        completion_window, metadata, max_attempts, deadline, max_batch_requests, max_batch_bytes
     )
+    if dry_run:
+        _print_plan(queue.plan(file, endpoint, name=name, **options), as_json)
+        return
+    job = queue.submit(file, endpoint, name=name, allow_duplicate=allow_duplicate, **options)
     if as_json:
         _print_json(
             {
                 "id": job.id,
+                "short_id": job.short_id,
+                "name": job.name,
                 "status": job.status,
                 "batches": len(job.batches),
                 "requests": job.request_counts.total,
@@ -189,8 +197,46 @@ def submit(
     stdout.print(job.id)
     stderr.print(
         f"queued {job.request_counts.total:,} requests in {len(job.batches)} "
-        f"batch{'es' if len(job.batches) != 1 else ''} ({_size(job.bytes)})"
+        f"batch{'es' if len(job.batches) != 1 else ''} ({_size(job.bytes)}) as job "
+        f"{job_label(job)}",
+        markup=False,
     )
+
+
+def _print_plan(plan: SubmitPlan, as_json: bool) -> None:
+    if as_json:
+        _print_json(plan.to_dict())
+        return
+    n = len(plan.shards)
+    stdout.print(
+        f"{plan.source}: {plan.requests:,} requests, {_size(plan.bytes)}, valid; would queue "
+        f"{n} batch{'es' if n != 1 else ''} for {plan.endpoint} (nothing recorded)",
+        markup=False,
+    )
+    table = Table(box=None, header_style="bold")
+    for column in ("BATCH", "MODEL", "REQUESTS", "BYTES", "INPUT TOKENS", "MAX OUTPUT TOKENS"):
+        table.add_column(column, justify="left" if column == "MODEL" else "right")
+    for shard in plan.shards:
+        table.add_row(
+            str(shard.index),
+            Text(shard.model or "-"),
+            f"{shard.requests:,}",
+            _size(shard.bytes),
+            f"~{shard.input_tokens:,}",
+            "-" if shard.max_output_tokens is None else f"{shard.max_output_tokens:,}",
+        )
+    stdout.print(table)
+    stdout.print(
+        f"estimated input tokens ~{plan.input_tokens:,} (a heuristic: within a few % for "
+        "English, ~15 % for other languages)",
+        markup=False,
+    )
+    if plan.duplicate_of:
+        stdout.print(
+            f"note: job {plan.duplicate_of} for this file and options is still open; submit "
+            "would refuse it without --allow-duplicate",
+            markup=False,
+        )
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -200,10 +246,15 @@ def submit(
 def status(
     ctx: typer.Context,
     job_id: Annotated[
-        str | None, typer.Argument(help="A job id (or unique prefix).", metavar="JOB_ID")
+        str | None,
+        typer.Argument(
+            help="A job: its id, its name, or a unique prefix of either part of its id.",
+            metavar="JOB_ID",
+            autocompletion=complete_job,
+        ),
     ] = None,
     filter_status: Annotated[
-        str | None, typer.Option("--status", help="Only jobs in this status.")
+        JobStatusName | None, typer.Option("--status", help="Only jobs in this status.")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many jobs.")] = 50,
     as_json: JsonOption = False,
@@ -228,25 +279,41 @@ def _jobs_table(jobs: list[Job]) -> Table | str:
     if not jobs:
         return "no jobs"
     table = Table(box=None, header_style="bold")
-    for column in ("JOB", "STATUS", "ENDPOINT", "DONE", "FAILED", "CREATED", "SOURCE"):
+    columns = ["JOB", "NAME", "STATUS", "ENDPOINT", "DONE", "FAILED", "CREATED", "SOURCE"]
+    problems = any(job.problem and not job.done for job in jobs)
+    if problems:
+        columns.append("PROBLEM")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("DONE", "FAILED") else "left")
     for job in jobs:
         counts = job.request_counts
-        table.add_row(
-            job.id,
+        row: list[Any] = [
+            job.short_id or job.id,
+            Text(job.name or "-"),
             _status_text(job.status),
             job.endpoint,
             f"{counts.done:,}/{counts.total:,}",
             f"{counts.failed:,}",
             job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            Path(job.source).name,
-        )
+            Text(Path(job.source).name),
+        ]
+        if problems:
+            row.append(Text(job.problem if job.problem and not job.done else "-"))
+        table.add_row(*row)
     return table
 
 
 def _print_job(job: Job) -> None:
     counts = job.request_counts
     stdout.print(f"[bold]{job.id}[/bold]  {_status_text(job.status)}")
+    stdout.print(f"  short id   {job.short_id or job.id}", markup=False)
+    if job.name:
+        stdout.print(f"  name       {job.name}", markup=False)
+    if job.problem and not job.done:
+        since = f" (since {job.problem_at:%H:%M:%S %Z})" if job.problem_at else ""
+        stdout.print(Text(f"  problem    {job.problem}{since}", style="yellow"))
+    if job.retry_of:
+        stdout.print(f"  retry of   {job.retry_of}", markup=False)
     stdout.print(f"  endpoint   {job.endpoint}  (window {job.completion_window})")
     stdout.print(f"  source     {job.source}  ({_size(job.bytes)})")
     stdout.print(
@@ -317,7 +384,7 @@ def _size(n: int) -> str:
 @app.command()
 def cancel(
     ctx: typer.Context,
-    job_id: Annotated[str, typer.Argument(help="A job id (or unique prefix).", metavar="JOB_ID")],
+    job_id: JobArgument,
     as_json: JsonOption = False,
 ) -> None:
     """Cancel a job: queued batches end now, submitted ones are cancelled remotely by the daemon."""
@@ -327,25 +394,79 @@ def cancel(
         return
     open_batches = sum(1 for b in job.batches if b.status not in BATCH_TERMINAL)
     if job.done:
-        stdout.print(f"{job.id} {job.status}")
+        stdout.print(f"{job.id} {job.status}", markup=False)
     else:
         stdout.print(
             f"{job.id} cancelling ({open_batches} remote "
-            f"batch{'es' if open_batches != 1 else ''} to cancel)"
+            f"batch{'es' if open_batches != 1 else ''} to cancel)",
+            markup=False,
         )
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    job_id: JobArgument,
+    codes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--code",
+            metavar="CODE",
+            help="Only requests that failed with this error code (batch_expired, server_error, "
+            "…) or HTTP status (500); repeatable. [default: every failed request]",
+        ),
+    ] = None,
+    name: NameOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A new attempt at an ended job's failed requests: a new job, linked to the old one.
+
+    Prints the new job's id. The old job and its results stay as they are; the new job's
+    results hold the retried requests, in the old input order.
+    """
+    queue = _state(ctx).queue()
+    job = queue.retry(job_id, codes=codes or (), name=name)
+    if as_json:
+        _print_json(
+            {
+                "id": job.id,
+                "short_id": job.short_id,
+                "name": job.name,
+                "retry_of": job.retry_of,
+                "status": job.status,
+                "batches": len(job.batches),
+                "requests": job.request_counts.total,
+            }
+        )
+        return
+    stdout.print(job.id)
+    stderr.print(
+        f"queued {job.request_counts.total:,} failed requests of {job.retry_of} again as job "
+        f"{job_label(job)}",
+        markup=False,
+    )
 
 
 @app.command()
 def events(
     ctx: typer.Context,
     job_id: Annotated[
-        str | None, typer.Argument(help="Only this job's events.", metavar="JOB_ID")
+        str | None,
+        typer.Argument(
+            help="Only this job's events.", metavar="JOB_ID", autocompletion=complete_job
+        ),
     ] = None,
     after: Annotated[
-        int | None, typer.Option("--after", help="Only events after this sequence number.")
+        int | None,
+        typer.Option(
+            "--after", help="Only events after this sequence number (the first --limit of them)."
+        ),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="At most this many events.")
+        int | None,
+        typer.Option(
+            "--limit", min=1, help="At most this many events: the newest, or with --after the next."
+        ),
     ] = None,
     follow: Annotated[
         bool,
@@ -370,6 +491,8 @@ def events(
     as_json: JsonOption = False,
 ) -> None:
     """The events of one job or all jobs, in order, with their hook deliveries."""
+    if sink is not None and redeliver is None:
+        raise typer.BadParameter("--sink goes with --redeliver EVENT_ID", param_hint="--sink")
     queue = _state(ctx).queue()
     if redeliver is not None:
         _redeliver(queue, redeliver, sink, as_json)
@@ -382,7 +505,7 @@ def events(
     if follow:
         for e in found:
             _print_event_line(e, deliveries.get(e.seq, []), as_json)
-        _follow(queue, job_id, found[-1].seq if found else after, as_json)
+        _follow(queue, job_id, found[-1].seq if found else (after or 0), as_json)
         return
     if as_json:
         _print_json([_event_json(e, deliveries.get(e.seq, [])) for e in found])

@@ -8,12 +8,13 @@ as it happens, and ends with a summary: batches, retries, outcomes, and where th
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 import typer
@@ -84,6 +85,18 @@ def demo_command(
     model: Annotated[
         str, typer.Option("--model", help="Model named in the requests.")
     ] = "gpt-4o-mini",
+    port: Annotated[
+        int,
+        typer.Option(
+            "--port", min=0, max=65535, help="The emulator's port on 127.0.0.1 (0: a free one)."
+        ),
+    ] = 0,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep", help="Keep the temporary directory (database, input, results) afterwards."
+        ),
+    ] = False,
 ) -> None:
     """Run a whole job end to end and show its lifecycle (the emulator unless --remote)."""
     root = ctx.find_root().obj
@@ -92,6 +105,9 @@ def demo_command(
     started = time.monotonic()
     with ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="jobqueue-demo-"))
+        if not keep:
+            # Registered first, so it runs last: after the queue and the emulator closed.
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         if remote:
             queue = JobQueue(config=root.config, **root.overrides)
         else:
@@ -106,7 +122,8 @@ def demo_command(
                         # About 180 requests a second: slow enough to watch, done in seconds.
                         requests_per_minute=3.0 * 3600.0 / time_scale,
                         data_dir=workdir / "emulator",
-                    )
+                    ),
+                    port=port,
                 )
             )
             # One batch runs out of its completion window half way: its finished requests are
@@ -133,7 +150,9 @@ def demo_command(
         results_path = workdir / "results.jsonl"
         with results_path.open("wb") as f:
             queue.export_results(job.id, f)
-        _summary(queue, job, labels, results_path, time.monotonic() - started, root.overrides)
+        _summary(queue, job, labels, results_path, time.monotonic() - started, keep)
+    if not keep:
+        out.print(f"[dim]removed {workdir} (--keep keeps it)[/dim]")
     if job.status != JobStatus.COMPLETED:
         raise typer.Exit(1)
 
@@ -159,6 +178,13 @@ def _print_event(event: Event, labels: dict[str, str], started: float) -> None:
             f"retry {sum(1 for v in labels.values() if v.startswith('retry')) + 1}"
         )
     who = labels.get(event.batch_id or "", "job")
+    if event.type == "job.problem":
+        problem = event.data.get("problem")
+        out.print(
+            f"[dim]{elapsed}[/dim]  {who:<9} "
+            + (f"problem: {problem}" if problem else "problem cleared")
+        )
+        return
     counts = event.data.get("request_counts") or {}
     detail = ""
     if event.to_status in BATCH_TERMINAL and counts:
@@ -171,7 +197,7 @@ def _print_event(event: Event, labels: dict[str, str], started: float) -> None:
 
 def _summary(
     queue: JobQueue, job: Job, labels: dict[str, str], results_path: Path, seconds: float,
-    overrides: dict[str, Any],
+    keep: bool,
 ) -> None:  # fmt: skip
     job = queue.get(job.id)
     outcomes: Counter[str] = Counter()
@@ -195,11 +221,13 @@ def _summary(
     )
     table.add_row("requests", f"{job.request_counts.total:,}, {retried:,} of them retried")
     table.add_row("outcomes", ", ".join(f"{n:,} {k}" for k, n in outcomes.most_common()))
-    table.add_row("results", f"{results_path} (one line per request, in input order)")
-    table.add_row(
-        "database",
-        f"{queue.settings.effective_database_url}  (try: jobqueue --database-url "
-        f"{queue.settings.effective_database_url} status {job.id})",
-    )
+    if keep:
+        table.add_row("results", f"{results_path} (one line per request, in input order)")
+    database = queue.settings.effective_database_url
+    if keep or str(results_path.parent) not in database:  # kept, or --remote's own database
+        table.add_row(
+            "database",
+            f"{database}  (try: jobqueue --database-url {database} status {job.short_id})",
+        )
     out.print()
     out.print(table)

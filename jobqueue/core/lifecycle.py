@@ -68,11 +68,15 @@ def job_end_status(
     now: float,
     requests_succeeded: int,
     batch_statuses: Iterable[str],
+    requests_total: int | None = None,
 ) -> JobStatus:
     """The status a job ends with once nothing is left to do: `cancelled` if its user asked,
-    `expired` past its deadline, `failed` when nothing ran (every batch failed: validation, or
-    refused at submission), else `completed` (which may count failed requests)."""
-    if cancel_requested:
+    unless every one of its `requests_total` requests had succeeded by then (the cancel cut
+    nothing short: `completed`), `expired` past its deadline, `failed` when nothing ran (every
+    batch failed: validation, or refused at submission), else `completed` (which may count
+    failed requests)."""
+    all_succeeded = requests_total is not None and requests_succeeded >= requests_total
+    if cancel_requested and not all_succeeded:
         return J.CANCELLED
     if deadline_at is not None and now >= deadline_at:
         return J.EXPIRED

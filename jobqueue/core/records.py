@@ -128,10 +128,39 @@ class Job:
     deadline_at: datetime | None
     purged_at: datetime | None = None
     batches: tuple[Batch, ...] = ()
+    # Given at submit (`--name`); the job can be found by it.
+    name: str | None = None
+    # Why the open job is not moving (a key refused, the remote down), its kind, and since when.
+    problem: str | None = None
+    problem_kind: str | None = None
+    problem_at: datetime | None = None
+    # The job whose failed requests this one retries.
+    retry_of: str | None = None
+    # The shortest unique form of the id to show and type (set by `JobQueue.get` and `jobs`).
+    short_id: str | None = None
 
     @property
     def done(self) -> bool:
         return self.status in JOB_TERMINAL
+
+    @property
+    def needs_operator(self) -> bool:
+        """The job's problem does not pass by itself (a key, a permission, a quota)."""
+        from jobqueue.core.problems import NEEDS_OPERATOR
+
+        return not self.done and self.problem_kind in NEEDS_OPERATOR
+
+    @property
+    def remote_counts(self) -> RequestCounts:
+        """Requests the remote has finished, as its batches report them: the final outcomes
+        collected so far, plus what the remote counts done in batches not collected yet.
+        Ahead of `request_counts`, which counts only collected outcomes."""
+        completed, failed = self.request_counts.completed, self.request_counts.failed
+        for batch in self.batches:
+            if batch.times.get("collected_at") is None:
+                completed += batch.request_counts.completed
+                failed += batch.request_counts.failed
+        return RequestCounts(self.request_counts.total, completed, failed)
 
     @classmethod
     def from_row(cls, row: Any, batches: list[Any] | None = None) -> Job:
@@ -155,12 +184,23 @@ class Job:
             deadline_at=_dt(row.deadline_at),
             purged_at=_dt(row.purged_at),
             batches=tuple(Batch.from_row(b) for b in batches or ()),
+            name=row.name,
+            problem=row.problem,
+            problem_kind=row.problem_kind,
+            problem_at=_dt(row.problem_at),
+            retry_of=row.retry_of,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "short_id": self.short_id,
+            "name": self.name,
             "status": self.status,
+            "problem": self.problem,
+            "problem_kind": self.problem_kind,
+            "problem_at": _iso(self.problem_at),
+            "retry_of": self.retry_of,
             "endpoint": self.endpoint,
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),
@@ -175,6 +215,104 @@ class Job:
             "error": self.error,
             "request_counts": self.request_counts.to_dict(),
             "batches": [b.to_dict() for b in self.batches],
+        }
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a run of the duties did (`JobQueue.run_once`, `run_until_done`): the steps taken,
+    the duties that failed (raised) with their last error, the jobs that ended during the run,
+    and those still open when it stopped (with their problems)."""
+
+    steps: int = 0
+    failed_duties: dict[str, str] = field(default_factory=dict)
+    ended: tuple[Job, ...] = ()
+    still_open: tuple[Job, ...] = ()
+
+    @property
+    def blocked(self) -> tuple[Job, ...]:
+        """Open jobs held up by a problem only the operator can fix (a key, a quota)."""
+        return tuple(job for job in self.still_open if job.needs_operator)
+
+    @property
+    def all_completed(self) -> bool:
+        return all(job.status == "completed" for job in self.ended)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "failed_duties": self.failed_duties,
+            "ended": [_job_summary(job) for job in self.ended],
+            "still_open": [_job_summary(job) for job in self.still_open],
+        }
+
+
+def _job_summary(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "short_id": job.short_id,
+        "name": job.name,
+        "status": job.status,
+        "problem": job.problem,
+        "request_counts": job.request_counts.to_dict(),
+    }
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One remote batch a submit would make (`submit --dry-run`)."""
+
+    index: int
+    model: str | None
+    requests: int
+    bytes: int
+    input_tokens: int
+    max_output_tokens: int | None  # None when some request sets no bound
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "model": self.model,
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "input_tokens": self.input_tokens,
+            "max_output_tokens": self.max_output_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class SubmitPlan:
+    """What `submit` would record for a file, found without recording anything."""
+
+    source: str
+    endpoint: str
+    options: dict[str, Any]
+    shards: tuple[ShardPlan, ...]
+    duplicate_of: str | None = None  # an open job for the same file and options
+
+    @property
+    def requests(self) -> int:
+        return sum(s.requests for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(s.input_tokens for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "endpoint": self.endpoint,
+            "options": self.options,
+            "batches": len(self.shards),
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "input_tokens": self.input_tokens,
+            "duplicate_of": self.duplicate_of,
+            "shards": [s.to_dict() for s in self.shards],
         }
 
 

@@ -12,7 +12,9 @@ from typing import Any
 
 from jobqueue.core.backoff import backoff
 from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
+from jobqueue.core.problems import ProblemSource, remote_problem, token_limit_problem
 from jobqueue.core.states import BATCH_TERMINAL, BATCH_TIME_COLUMN, BatchStatus, IllegalTransition
+from jobqueue.duties import problems
 from jobqueue.duties.context import DutyContext
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import RemoteBatch
@@ -103,9 +105,15 @@ def adopt_remote(
         )
         if adopted is None:
             return False
-        jobs.start_if_queued(ctx.store, conn, row.job_id, now=now)
+        started = jobs.start_if_queued(ctx.store, conn, row.job_id, now=now)
+        problems.clear(ctx, conn, [row.job_id], ProblemSource.SUBMIT)
         if remote.status != B.VALIDATING:
             apply_observation(ctx, conn, adopted, remote)
+    if started is not None:
+        log.info(
+            "job started", job_id=row.job_id, requests=started.request_count,
+            endpoint=started.endpoint,
+        )  # fmt: skip
     ctx.wake("reconcile")
     ctx.wake("webhooks")  # a webhook for it may have come before it was known
     return True
@@ -177,6 +185,14 @@ def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: Remo
         "batch status", job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id,
         source=row.status, dest=dest,
     )  # fmt: skip
+    if dest == B.FAILED and remote.errors:
+        # The remote refused what it was given (a model it does not know, a bad line): the
+        # job goes on with its other batches, but shows why this one failed.
+        problem = remote_problem(
+            status=None, code=error_code(remote.errors), message=describe_errors(remote.errors),
+            transient=False, action="run a batch",
+        )  # fmt: skip
+        problems.report(ctx, row.job_id, problem, ProblemSource.SUBMIT, conn, batch_id=row.id)
     return True
 
 
@@ -196,10 +212,13 @@ def _requeue_for_token_limit(
         return False
     if requeued is None:
         return False
-    log.warning(
+    log.info(
         "enqueued token limit reached; batch requeued", job_id=row.job_id, batch_id=row.id,
         requeued_as=requeued, retry_in_seconds=round(delay, 1),
     )  # fmt: skip
+    problems.report(
+        ctx, row.job_id, token_limit_problem(delay), ProblemSource.SUBMIT, conn, batch_id=row.id
+    )
     job = ctx.store.get_job(conn, row.job_id)
     if job is not None and job.cancel_requested:
         request_cancel(ctx.store, conn, row.job_id, now=now)

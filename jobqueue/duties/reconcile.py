@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 
-from jobqueue.duties import orphans
+from jobqueue.core.problems import Problem, ProblemSource
+from jobqueue.duties import orphans, problems
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import observe, observe_many
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import NotFoundError, PermanentRemoteError, RemoteBatch, RemoteError
 from jobqueue.store import Row
+from jobqueue.store.problems import jobs_with_problem
 
 log = get_logger("jobqueue.reconcile")
 PAGE_SIZE = 100
@@ -33,7 +35,9 @@ def reconcile_once(ctx: DutyContext) -> int:
     seen: list[RemoteBatch] = []
     horizon = orphans.walk_horizon(ctx)
     if rows:
-        moved += observe_many(ctx, refresh(ctx, rows, seen=seen, horizon=horizon))
+        failures: dict[str, Problem] = {}
+        moved += observe_many(ctx, refresh(ctx, rows, failures, seen=seen, horizon=horizon))
+        _record_problems(ctx, rows, failures)
     elif horizon is not None:
         seen = orphans.walk_back(ctx, horizon)
     orphans.sweep(ctx, seen, adopted={row.remote_id for row in rows})
@@ -44,21 +48,39 @@ def reconcile_once(ctx: DutyContext) -> int:
     return moved
 
 
+def _record_problems(ctx: DutyContext, rows: list[Row], failures: dict[str, Problem]) -> None:
+    """A job with a batch that could not be refreshed has a problem; one whose batches all were
+    refreshed has none left from refreshing (a submit problem stays)."""
+    for job_id, problem in failures.items():
+        problems.report(ctx, job_id, problem, ProblemSource.REFRESH)
+    with ctx.store.read() as conn:
+        had = jobs_with_problem(conn, ProblemSource.REFRESH)
+    fine = {row.job_id for row in rows} - set(failures)
+    if had & fine:
+        with ctx.store.write() as conn:
+            problems.clear(ctx, conn, sorted(had & fine), ProblemSource.REFRESH)
+
+
 def refresh(
     ctx: DutyContext,
     rows: list[Row],
+    failures: dict[str, Problem] | None = None,
     *,
     seen: list[RemoteBatch] | None = None,
     horizon: float | None = None,
 ) -> list[tuple[Row, RemoteBatch]]:
-    """The remote object of each row, by single retrieves or by walking list pages.
+    """The remote object of each row, by single retrieves or by walking list pages. A row that
+    could not be refreshed puts its problem in `failures`, by job id.
 
     Every listed batch is added to `seen`. With a `horizon` (a creation time) the list is also
     walked back at least that far, for the orphan sweep (with single retrieves: on its own).
     """
+    failures = {} if failures is None else failures
     seen = seen if seen is not None else []
     if len(rows) <= ctx.settings.list_threshold:
-        retrieved = [(row, remote) for row in rows if (remote := _retrieve(ctx, row)) is not None]
+        retrieved = [
+            (row, remote) for row in rows if (remote := _retrieve(ctx, row, failures)) is not None
+        ]
         if horizon is not None:
             seen.extend(orphans.walk_back(ctx, horizon))
         return retrieved
@@ -72,7 +94,7 @@ def refresh(
         try:
             page = ctx.provider.list_batches(after=after, limit=PAGE_SIZE)
         except RemoteError as exc:
-            log.warning("listing batches failed; retrieving one by one", error=str(exc))
+            log.debug("listing batches failed; retrieving one by one", error=str(exc))
             if horizon is not None:
                 orphans.state(ctx).next_walk_at = ctx.clock()  # the sweep's walk: next cycle
             break
@@ -91,7 +113,7 @@ def refresh(
         after = page.last_id
     out: list[tuple[Row, RemoteBatch]] = []
     for row in rows:  # keep nearest-deadline-first order
-        remote = found.get(row.remote_id) or _retrieve(ctx, row)
+        remote = found.get(row.remote_id) or _retrieve(ctx, row, failures)
         if remote is not None:
             out.append((row, remote))
     return out
@@ -101,14 +123,15 @@ def _all_before(batches: list[RemoteBatch], when: float) -> bool:
     return all(r.created_at is not None and r.created_at < when for r in batches)
 
 
-def _retrieve(ctx: DutyContext, row: Row) -> RemoteBatch | None:
+def _retrieve(ctx: DutyContext, row: Row, failures: dict[str, Problem]) -> RemoteBatch | None:
     ctx.count("reconcile_calls")
     try:
         return ctx.provider.retrieve_batch(row.remote_id)
-    except NotFoundError:
-        log.error("remote batch not found", batch_id=row.id, remote_id=row.remote_id)
     except RemoteError as exc:
-        log.warning("refresh failed", batch_id=row.id, remote_id=row.remote_id, error=str(exc))
+        # Logged once, as the job's problem (see `problems.report`), not once a cycle.
+        what = "remote batch not found" if isinstance(exc, NotFoundError) else "refresh failed"
+        log.debug(what, batch_id=row.id, remote_id=row.remote_id, error=str(exc))
+        failures.setdefault(row.job_id, problems.problem_of(exc, "refresh"))
     return None
 
 

@@ -20,7 +20,9 @@ from collections.abc import Collection
 from pathlib import Path
 
 from jobqueue.core.backoff import backoff
+from jobqueue.core.problems import ProblemSource
 from jobqueue.core.states import BatchStatus
+from jobqueue.duties import problems
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import adopt_remote
 from jobqueue.duties.owners import live_owners
@@ -118,7 +120,11 @@ def recover_submitting(ctx: DutyContext) -> int:
                 METADATA_KEY, row.id, created_after=int((row.submitting_at or now) - _CLOCK_SLACK)
             )
         except RemoteError as exc:
-            log.warning("recovery lookup failed", batch_id=row.id, error=str(exc))
+            log.debug("recovery lookup failed", batch_id=row.id, error=str(exc))
+            problems.report(
+                ctx, row.job_id, problems.problem_of(exc, "submit"), ProblemSource.SUBMIT,
+                batch_id=row.id,
+            )  # fmt: skip
             if not ctx.store.release_lease(lease):
                 _lost(ctx, lease, "releasing it after a failed lookup")
             continue
@@ -192,9 +198,12 @@ def submit_batch(ctx: DutyContext, row: Row, lease: Lease) -> int:
     except TransientRemoteError as exc:
         if exc.maybe_created:
             return _after_ambiguous_create(ctx, row, lease, exc)
-        bound.warning("submission failed, will retry", error=str(exc))
+        bound.debug("submission failed, will retry", error=str(exc))
         delay = backoff(row.submit_attempts, base=5.0, cap=600.0)
-        return 1 if _requeue(ctx, lease, str(exc), delay) else _lost(ctx, lease, "requeueing it")
+        if not _requeue(ctx, lease, str(exc), delay):
+            return _lost(ctx, lease, "requeueing it")
+        _report(ctx, row, exc)
+        return 1
     except NotFoundError as exc:
         # The uploaded input file is gone (expired or deleted): upload it again next time.
         bound.warning("input file missing remotely, uploading again", error=str(exc))
@@ -206,13 +215,17 @@ def submit_batch(ctx: DutyContext, row: Row, lease: Lease) -> int:
         if exc.status in (401, 403):
             # A key or permission problem is the operator's to fix; failing every batch of
             # every job for it would throw the work away.
-            bound.error("remote refused our credentials; batch stays queued", error=str(exc))
+            bound.debug("remote refused our credentials; batch stays queued", error=str(exc))
             delay = backoff(row.submit_attempts, base=30.0, cap=900.0)
-            return (
-                1 if _requeue(ctx, lease, str(exc), delay) else _lost(ctx, lease, "requeueing it")
-            )
+            if not _requeue(ctx, lease, str(exc), delay):
+                return _lost(ctx, lease, "requeueing it")
+            _report(ctx, row, exc)
+            return 1
         bound.error("remote refused the batch", error=str(exc))
-        return 1 if _fail(ctx, row, lease, exc) else _lost(ctx, lease, "failing it")
+        if not _fail(ctx, row, lease, exc):
+            return _lost(ctx, lease, "failing it")
+        _report(ctx, row, exc)
+        return 1
     except OSError as exc:
         bound.error("cannot read the shard", error=str(exc))
         return 1 if _fail(ctx, row, lease, exc) else _lost(ctx, lease, "failing it")
@@ -234,6 +247,7 @@ def _after_ambiguous_create(ctx: DutyContext, row: Row, lease: Lease, exc: Remot
         if not adopt_remote(ctx, row, found, lease=lease):
             return _lost(ctx, lease, "adopting its remote batch", remote_id=found.id)
         return 1
+    _report(ctx, row, exc)
     # Not visible (yet): keep the batch in `submitting` with a short lease; recovery looks again
     # once it runs out, and only then requeues.
     with ctx.store.write() as conn:
@@ -241,6 +255,12 @@ def _after_ambiguous_create(ctx: DutyContext, row: Row, lease: Lease, exc: Remot
             conn, lease, error=str(exc), lease_until=ctx.clock() + _UNCERTAIN_LEASE
         )
     return 1 if kept else _lost(ctx, lease, "after an uncertain create")
+
+
+def _report(ctx: DutyContext, row: Row, exc: RemoteError) -> None:
+    """The job of `row` has a problem: its batch cannot be submitted (logged once)."""
+    problem = problems.problem_of(exc, "submit")
+    problems.report(ctx, row.job_id, problem, ProblemSource.SUBMIT, batch_id=row.id)
 
 
 def _lost(ctx: DutyContext, lease: Lease, step: str, **fields: object) -> int:

@@ -39,7 +39,7 @@ from jobqueue.core.backoff import backoff
 from jobqueue.core.records import Event
 from jobqueue.hooks.patterns import matches
 from jobqueue.hooks.sinks import DeliveryError, Sink, event_body
-from jobqueue.logs import get_logger
+from jobqueue.logs import FailureLog, get_logger
 from jobqueue.store import Store, outbox
 from jobqueue.store.outbox import DEAD, DELIVERED, PENDING, Claimed, Delivery
 
@@ -92,6 +92,7 @@ class Dispatcher:
         coalesce: float = 0.02,
         free_owners: Callable[[], Collection[str]] | None = None,
         may_claim: Callable[[], bool] | None = None,
+        failures: FailureLog | None = None,
     ) -> None:
         names = [sink.name for sink in sinks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -116,6 +117,8 @@ class Dispatcher:
         self.coalesce = coalesce
         self.free_owners: Callable[[], Collection[str]] = free_owners or frozenset
         self.may_claim: Callable[[], bool] = may_claim or (lambda: True)
+        # A round that keeps failing (the database down) is logged once, then once a minute.
+        self.failures = failures or FailureLog(log)
         default_lanes = workers if len(self.sinks) == 1 else max(1, workers // 2)
         self._lane_limit = {
             sink.name: max(
@@ -176,9 +179,10 @@ class Dispatcher:
                 # With work in flight, a lane finishing wakes the next round.
                 timeout = interval if claimed else self._idle_timeout(interval)
                 failures = 0
-            except Exception:
+                self.failures.succeeded("hooks")
+            except Exception as exc:
                 failures += 1
-                log.exception("hook dispatcher round failed", owner=self.owner)
+                self.failures.failed("hooks", exc, owner=self.owner)
                 timeout = min(30.0, interval * 2**failures)
             deadline = time.monotonic() + timeout
             while not stop.is_set():

@@ -54,7 +54,8 @@ def make_provider(settings: Any, **kwargs: Any) -> Provider:
     key = key or None
     if key is None and _needs_key(kind, base_url):
         raise ValueError(
-            f"no API key for {base_url}: set OPENAI_API_KEY (or `api_key` in the config file)"
+            f"no API key for {base_url}: set OPENAI_API_KEY (under systemd, the credential "
+            "openai_api_key)"
         )
     options: dict[str, Any] = {
         "timeout": float(getattr(settings, "request_timeout", 60.0)),

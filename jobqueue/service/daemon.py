@@ -34,7 +34,7 @@ from jobqueue.duties.submit import submit_once
 from jobqueue.duties.webhook import retry_pending_webhooks
 from jobqueue.hooks.dispatcher import Dispatcher
 from jobqueue.hooks.sinks import Sink, build_sinks, close_sinks
-from jobqueue.logs import get_logger
+from jobqueue.logs import FailureLog, get_logger
 from jobqueue.remote import make_provider
 from jobqueue.remote.base import Provider
 from jobqueue.service.leadership import Leadership
@@ -47,7 +47,13 @@ from jobqueue.store.coordination import (
     SqliteDaemonLock,
     hold_sqlite_daemon_lock,
 )
-from jobqueue.store.daemons import daemon_of_owner, hooks_owner, ping, start_cursors_at_open_jobs
+from jobqueue.store.daemons import (
+    daemon_of_owner,
+    hooks_owner,
+    is_unavailable,
+    ping,
+    start_cursors_at_open_jobs,
+)
 
 __all__ = ["LEADER_DUTIES", "Daemon", "DaemonAlreadyRunning", "Duty"]
 
@@ -125,6 +131,9 @@ class Daemon:
         self._stopping = threading.Event()
         self._ran = False  # started, or run once: what `stop()` reports having stopped
         self.log = log.bind(owner=self.ctx.owner)
+        # A failure that repeats (the database down: every duty, every second) is logged once,
+        # then once a minute, then when it is over.
+        self.failures = FailureLog(self.log, outage=is_unavailable)
         # Hooks: the config's sinks (owned here) and the embedding program's (not owned).
         try:
             self._config_sinks = build_sinks(settings.hooks)
@@ -329,6 +338,7 @@ class Daemon:
         return Dispatcher(
             self.store, self.sinks, hooks_owner(self.owner), clock=self.ctx.clock,
             free_owners=lambda: self._dead_owners, may_claim=self.ctx.may_claim,
+            failures=self.failures,
         )  # fmt: skip
 
     # -- heartbeat ------------------------------------------------------------------------------
@@ -339,11 +349,12 @@ class Daemon:
         is claimed until it can)."""
         try:
             liveness = heartbeat_once(self.ctx)
-        except Exception:  # a scheduler job must not die of it; the next beat tries again
-            self.log.exception("heartbeat failed")
+        except Exception as exc:  # a scheduler job must not die of it; the next beat tries again
+            self.failures.failed("heartbeat", exc)
             return False
         if liveness is None:
             return False
+        self.failures.succeeded("heartbeat")
         dead = frozenset(name for d in liveness.dead for name in (d, hooks_owner(d)))
         newly_dead = dead - self._dead_owners
         self._dead_owners = dead
@@ -440,13 +451,20 @@ class Daemon:
         except Exception as exc:
             state.errors += 1
             state.last_error = f"{type(exc).__name__}: {exc}"
-            self.log.exception("duty failed", duty=duty.name)
+            self.failures.failed(duty.name, exc)
             return 0
         finally:
             state.runs += 1
             state.last_run = time.time()
             self.ctx.count(f"duty_seconds.{duty.name}", time.perf_counter() - started)
+        # A duty held back by a stale heartbeat (no claims) may not have asked the database
+        # anything: its success says nothing of an outage.
+        self.failures.succeeded(duty.name, outage_over=self.ctx.may_claim())
         return moved
+
+    def failed_duties(self) -> dict[str, str]:
+        """The duties that failed (raised) at least once, with their last error."""
+        return {name: s.last_error or "failed" for name, s in self._states.items() if s.errors}
 
     def duty_states(self) -> dict[str, dict[str, Any]]:
         return {

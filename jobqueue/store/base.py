@@ -388,8 +388,12 @@ class Store:
         after_seq: int | None = None,
         limit: int | None = None,
         types: Iterable[str] | None = None,
+        newest: bool = False,
     ) -> list[Row]:
-        stmt = select(events_table).order_by(events_table.c.seq)
+        """Events in order of seq; with `limit`, the first `limit` (after `after_seq`), or with
+        `newest` the last `limit`, still in order."""
+        seq = events_table.c.seq
+        stmt = select(events_table).order_by(seq.desc() if newest else seq)
         if job_id:
             stmt = stmt.where(events_table.c.job_id == job_id)
         if after_seq is not None:
@@ -398,7 +402,8 @@ class Store:
             stmt = stmt.where(events_table.c.type.in_(list(types)))
         if limit:
             stmt = stmt.limit(limit)
-        return list(conn.execute(stmt).all())
+        rows = list(conn.execute(stmt).all())
+        return rows[::-1] if newest else rows
 
     # -- claiming work with leases ------------------------------------------------------------
 

@@ -14,9 +14,11 @@ from collections.abc import Iterable
 from sqlalchemy import Connection, Row, delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from jobqueue.core.states import JobStatus
-from jobqueue.store import Store
+from jobqueue.store import Store, StoreError
 from jobqueue.store.tables import daemons_table, events_table, jobs_table, sink_cursors_table
 
 
@@ -125,3 +127,21 @@ def forget_daemons(conn: Connection, before: float) -> int:
     """Delete the rows of daemons stopped, or last heard of, before `before`."""
     last = func.coalesce(D.c.stopped_at, D.c.heartbeat_at)
     return int(conn.execute(delete(D).where(last < before)).rowcount or 0)
+
+
+def daemons_heard_since(conn: Connection, since: float) -> list[str]:
+    """The daemons not stopped whose last heartbeat is at `since` or later, by id."""
+    rows = conn.execute(
+        select(D.c.id).where(D.c.stopped_at.is_(None), D.c.heartbeat_at >= since).order_by(D.c.id)
+    ).scalars()
+    return list(rows)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """`exc` says the database does not answer (down, unreachable, a connection lost), as
+    opposed to a mistake in what was asked of it."""
+    if isinstance(
+        exc, StoreError | OperationalError | InterfaceError | DisconnectionError | PoolTimeout
+    ):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -24,12 +24,13 @@ def job_of_batch(store: Store, conn: Connection, batch: Row[Any]) -> Row[Any]:
     return job
 
 
-def start_if_queued(store: Store, conn: Connection, job_id: str, *, now: float) -> bool:
-    """A batch of the job reached the remote: a queued job is `running` from now."""
+def start_if_queued(store: Store, conn: Connection, job_id: str, *, now: float) -> Row[Any] | None:
+    """A batch of the job reached the remote: a queued job is `running` from now. Returns the
+    job's row when this started it, else None."""
     job = store.get_job(conn, job_id)
     if job is None or job.status != J.QUEUED:
-        return False
-    return store.transition_job(conn, job_id, J.QUEUED, J.RUNNING, now=now) is not None
+        return None
+    return store.transition_job(conn, job_id, J.QUEUED, J.RUNNING, now=now)
 
 
 def past_deadline(conn: Connection, now: float) -> list[str]:

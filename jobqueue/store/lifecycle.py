@@ -11,10 +11,14 @@ import time
 
 from jobqueue.core.lifecycle import job_end_status
 from jobqueue.core.states import BATCH_TERMINAL, BatchStatus, JobStatus
+from jobqueue.logs import get_logger
 from jobqueue.store import Connection, Store
 from jobqueue.store.batches import cancel_queued, request_remote_cancel
 from jobqueue.store.jobs import mark_cancel_requested
+from jobqueue.store.problems import problem_values_cleared
 from jobqueue.store.requests import count_pending
+
+log = get_logger("jobqueue.jobs")
 
 B = BatchStatus
 J = JobStatus
@@ -62,9 +66,17 @@ def settle_job(
         now=now,
         requests_succeeded=job.requests_succeeded,
         batch_statuses=(b.status for b in batches),
+        requests_total=job.request_count,
     )
-    values = {}
+    values: dict[str, object] = problem_values_cleared()  # an ended job is not stuck
     if dest == J.FAILED and not job.error:
         values["error"] = next((b.last_error for b in batches if b.last_error), None)
     row = store.transition_job(conn, job_id, job.status, dest, values=values, now=now)
-    return dest if row is not None else None
+    if row is None:
+        return None
+    log.info(
+        "job ended", job_id=job_id, status=dest.value, requests=row.request_count,
+        succeeded=row.requests_succeeded, failed=row.requests_failed, batches=len(batches),
+        seconds=round(now - row.created_at, 1),
+    )  # fmt: skip
+    return dest

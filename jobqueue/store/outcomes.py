@@ -148,19 +148,26 @@ def record_missing(
 
 
 def result_locations_in_order(
-    store: Store, job_number: int, *, errors_only: bool = False, chunk: int = 20_000
+    store: Store,
+    job_number: int,
+    *,
+    errors_only: bool = False,
+    chunk: int = 20_000,
+    final_only: bool = False,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """The job's requests in input order, a page of `chunk` at a time, each page read in its
     own read transaction: lists of location tuples (position, custom_id, status_code,
     error_code, result_batch_number, result_kind, result_offset, result_length), the shape
     `jobqueue.files.results.read_runs` takes. With `errors_only`, only requests that did not
-    succeed. Read with the driver's own cursor, only the columns needed."""
+    succeed; with `final_only`, only requests with a final outcome (a job still running).
+    Read with the driver's own cursor, only the columns needed."""
     p = _param(store.dialect)
     query = (
         "SELECT position, custom_id, status_code, error_code, result_batch_number, "
         "result_kind, result_offset, result_length FROM requests "
         f"WHERE job_number = {p} AND position > {p}"
         + (" AND (outcome IS NULL OR outcome <> 'succeeded')" if errors_only else "")
+        + (" AND outcome IS NOT NULL" if final_only else "")
         + f" ORDER BY position LIMIT {p}"
     )
     last = -1

@@ -78,6 +78,7 @@ def iter_result_lines(
     *,
     errors_only: bool = False,
     chunk: int = 20_000,
+    final_only: bool = False,
 ) -> Iterator[tuple[tuple[Any, ...], bytes]]:
     """(request, raw JSONL line without newline) for every request, in input order; the request
     is a tuple (position, custom_id, status_code, error_code, result_batch_number, result_kind,
@@ -85,8 +86,11 @@ def iter_result_lines(
 
     `result_paths` maps batch number -> {"output": path, "error": path}. A request that never ran
     (cancelled or expired before it was executed) gets a synthetic line with that error.
+    `final_only`: only requests with a final outcome (the partial results of a running job).
     """
-    pages = result_locations_in_order(store, job_number, errors_only=errors_only, chunk=chunk)
+    pages = result_locations_in_order(
+        store, job_number, errors_only=errors_only, chunk=chunk, final_only=final_only
+    )
     for run, data in read_runs(pages, result_paths):
         yield from zip(run, run_lines(run, data), strict=True)
 
@@ -99,8 +103,11 @@ def write_result_lines(
     *,
     errors_only: bool = False,
     chunk: int = 20_000,
+    final_only: bool = False,
 ) -> int:
     """Write what `iter_result_lines` yields as JSONL (each line ending in one newline) to
     `out`; return the number of lines. Runs of lines already in that form are written as read."""
-    pages = result_locations_in_order(store, job_number, errors_only=errors_only, chunk=chunk)
+    pages = result_locations_in_order(
+        store, job_number, errors_only=errors_only, chunk=chunk, final_only=final_only
+    )
     return write_runs(read_runs(pages, result_paths), out)

@@ -66,6 +66,19 @@ class JobRow(SQLModel, table=True):
     finished_at: float | None = None
     # Local input and result files deleted once the retention ran out.
     purged_at: float | None = None
+    # A name given at submit (`--name`): the job can be found by it. Unique where set.
+    name: str | None = Field(default=None, max_length=64, unique=True)
+    # sha256 of the input file's content and the job's options: `process` finds its job again
+    # by it, `submit` refuses a second open job for the same file.
+    fingerprint: str | None = Field(default=None, max_length=64, index=True)
+    # The job whose failed requests this one retries (`jobqueue retry`).
+    retry_of: str | None = Field(default=None, max_length=64)
+    # Why an open job is not moving (a key refused, the remote down), which kind of problem it
+    # is, which duty saw it (only that duty's success clears it), and since when.
+    problem: str | None = Field(default=None, max_length=512)
+    problem_kind: str | None = Field(default=None, max_length=16)
+    problem_source: str | None = Field(default=None, max_length=16)
+    problem_at: float | None = None
 
 
 class BatchRow(SQLModel, table=True):

@@ -137,7 +137,8 @@ def test_cancel_of_a_batch_that_just_ended_is_refused_and_its_end_recorded(world
     assert world.job(job_id).batches[0].status == "completed"
     collect_once(ctx)
     job = world.job(job_id)
-    assert job.status == "cancelled" and job.request_counts.completed == 2
+    # Every request succeeded before the cancel arrived: it cut nothing short.
+    assert job.status == "completed" and job.request_counts.completed == 2
 
 
 def test_many_open_batches_are_refreshed_by_list_pages(make_world) -> None:

@@ -87,8 +87,10 @@ def test_transient_error_requeues_after_a_backoff(world: World, method: str) -> 
     assert row.not_before is not None and now < row.not_before <= now + 5.0
     assert "503 from the remote" in row.last_error
     assert world.remote.batches() == []
-    requeued = world.jq.events(job.id)[-1]
-    assert requeued.type == "batch.queued" and requeued.data["retry_in_seconds"] <= 5.0
+    requeued = [e for e in world.jq.events(job.id) if e.type == "batch.queued"][-1]
+    assert requeued.data["retry_in_seconds"] <= 5.0
+    problem = world.job(job.id).problem
+    assert problem is not None and "unavailable" in problem and "503" in problem
 
     # Not before its time.
     calls = len(world.remote.calls)
@@ -245,8 +247,9 @@ def test_token_limit_refusal_requeues_the_requests(world: World) -> None:
     assert world.job(job.id).status == "running"
     failed = [e for e in world.jq.events(job.id) if e.type == "batch.failed"]
     assert [e.data["reason"] for e in failed] == ["token_limit_exceeded"]
-    requeued = world.jq.events(job.id)[-1]
-    assert requeued.type == "batch.queued" and requeued.data["requeued_from"] == first.id
+    requeued = [e for e in world.jq.events(job.id) if e.type == "batch.queued"][-1]
+    assert requeued.data["requeued_from"] == first.id
+    assert "enqueued-token limit" in (world.job(job.id).problem or "")
 
     assert submit_once(ctx) == 0  # not before its backoff
     world.clock.advance(world.settings.token_limit_backoff)
