@@ -74,6 +74,9 @@ class Duty:
     interval: float
     # Run again at once when it moved something: there may be more of the same work.
     again_if_moved: bool
+    # False for a duty that may finish without asking the database anything (the kept
+    # webhooks, when none are kept): its success says nothing of an outage.
+    asks_database: bool = True
 
 
 class _DutyState:
@@ -122,7 +125,7 @@ class Daemon:
                 Duty("collect", collect_once, min(poll, 5.0), True),
                 Duty("retry", retry_once, min(poll, 5.0), True),
                 Duty("expire", expire_once, min(poll, 30.0), False),
-                Duty("webhooks", retry_pending_webhooks, 1.0, False),
+                Duty("webhooks", retry_pending_webhooks, 1.0, False, asks_database=False),
                 *(extra_duties or []),
             ]
         }
@@ -459,7 +462,7 @@ class Daemon:
             self.ctx.count(f"duty_seconds.{duty.name}", time.perf_counter() - started)
         # A duty held back by a stale heartbeat (no claims) may not have asked the database
         # anything: its success says nothing of an outage.
-        self.failures.succeeded(duty.name, outage_over=self.ctx.may_claim())
+        self.failures.succeeded(duty.name, outage_over=duty.asks_database and self.ctx.may_claim())
         return moved
 
     def failed_duties(self) -> dict[str, str]:
