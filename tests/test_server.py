@@ -91,7 +91,7 @@ def test_openai_webhook_moves_a_batch_at_once(listening, tmp_path: Path) -> None
     jq, daemon, _server, em = listening
     job = jq.submit(chat_file(tmp_path / "in.jsonl", 50), "/v1/chat/completions")
     daemon.start()
-    job = jq.wait(job.id, timeout=20)
+    job = jq.wait(job.id, timeout=60)
     assert job.status == "completed"
     assert daemon.stats.get("webhook_reconciles", 0) >= 1
     batch = job.batches[0]
@@ -112,7 +112,7 @@ def test_a_webhook_that_comes_before_its_batch_is_known_is_kept(
     jq, daemon, _server, em = listening_late
     job = jq.submit(chat_file(tmp_path / "in.jsonl", 20), "/v1/chat/completions")
     daemon.start()
-    job = jq.wait(job.id, timeout=20)
+    job = jq.wait(job.id, timeout=60)
     assert job.status == "completed"
     assert daemon.stats["webhooks_deferred"] == 1
     assert daemon.stats["webhook_reconciles"] >= 1
@@ -150,7 +150,7 @@ def test_replayed_webhook_changes_nothing(listening, tmp_path: Path) -> None:
     jq, daemon, server, _em = listening
     job = jq.submit(chat_file(tmp_path / "in.jsonl", 10), "/v1/chat/completions")
     daemon.start()
-    job = jq.wait(job.id, timeout=20)
+    job = jq.wait(job.id, timeout=60)
     events_before = len(jq.events(job.id))
     body = orjson.dumps(
         {"id": "evt_2", "object": "event", "type": "batch.completed", "created_at": 1,
@@ -180,7 +180,7 @@ def test_healthz_and_metrics_match_the_database(listening, tmp_path: Path) -> No
     job = jq.submit(chat_file(tmp_path / "in.jsonl", 30), "/v1/chat/completions",
                     max_batch_requests=10)  # fmt: skip
     daemon.start()
-    jq.wait(job.id, timeout=20)
+    jq.wait(job.id, timeout=60)
     assert httpx.get(f"{server.url}/healthz").status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
     samples = {
