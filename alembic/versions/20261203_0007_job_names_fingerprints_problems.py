@@ -7,7 +7,7 @@ second open job for one file; `retry_of` links a retry job to the job it retries
 columns say why an open job is not moving. Existing jobs get none of them.
 
 Revision ID: 0007
-Revises: 0005 (0006, of another branch, is still to land: re-chain then)
+Revises: 0005 (there is no 0006: the branch that had it did not land)
 Create Date: 2026-12-03 09:00:00
 """
 

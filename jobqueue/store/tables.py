@@ -109,7 +109,14 @@ class BatchRow(SQLModel, table=True):
     remote_total: int = 0
     remote_completed: int = 0
     remote_failed: int = 0
+    # The remote batch object's own `usage`, as it reported it.
     usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Tokens summed over the batch's responses while collecting (each body's `usage`); None
+    # until collected. Compared with `usage` above, and priced by the model's batch prices.
+    input_tokens: int | None = Field(default=None, sa_column=Column(BigInteger))
+    cached_input_tokens: int | None = Field(default=None, sa_column=Column(BigInteger))
+    output_tokens: int | None = Field(default=None, sa_column=Column(BigInteger))
+    reasoning_tokens: int | None = Field(default=None, sa_column=Column(BigInteger))
     errors: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
     last_error: str | None = Field(default=None, max_length=4096)
     # Claiming: a daemon holds a batch while it works on it. A lease is taken over only once it
