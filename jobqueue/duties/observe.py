@@ -13,12 +13,18 @@ from typing import Any
 from jobqueue.core.backoff import backoff
 from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
 from jobqueue.core.problems import ProblemSource, remote_problem, token_limit_problem
-from jobqueue.core.states import BATCH_TERMINAL, BATCH_TIME_COLUMN, BatchStatus, IllegalTransition
+from jobqueue.core.states import (
+    BATCH_MACHINE,
+    BATCH_TERMINAL,
+    BATCH_TIME_COLUMN,
+    BatchStatus,
+    IllegalTransition,
+)
 from jobqueue.duties import problems
 from jobqueue.duties.context import DutyContext
 from jobqueue.logs import get_logger
 from jobqueue.remote.base import RemoteBatch
-from jobqueue.store import Connection, Row, batches, jobs
+from jobqueue.store import BatchChange, Connection, Row, batches, jobs
 from jobqueue.store.batches import Lease
 from jobqueue.store.lifecycle import request_cancel
 
@@ -133,26 +139,85 @@ def observe(ctx: DutyContext, batch_id: str, remote: RemoteBatch) -> bool:
 
 
 def observe_many(
-    ctx: DutyContext, observations: list[tuple[Row, RemoteBatch]], chunk: int = 200
+    ctx: DutyContext, observations: list[tuple[Row, RemoteBatch]], chunk: int = 500
 ) -> int:
     """Apply observations `chunk` batches a transaction; return how many changed status.
 
-    One commit (one fsync) per chunk, not per batch: a cycle over ten thousand open batches
-    would otherwise spend its time committing `refreshed_at` one row at a time.
+    One commit (one fsync) per chunk, not per batch, and a few statements per chunk, not a
+    few per batch: each chunk's rows are read again with one query, the status changes among
+    them applied together (`apply_observations`), and what changed of the others recorded
+    with one statement per set of columns.
     """
     moved = 0
     ended = False
     for start in range(0, len(observations), chunk):
+        part = observations[start : start + chunk]
         with ctx.store.write() as conn:
-            for row, remote in observations[start : start + chunk]:
-                fresh = ctx.store.get_batch(conn, row.id)
-                if fresh is not None and apply_observation(ctx, conn, fresh, remote):
-                    moved += 1
-                    ended = ended or remote.status in BATCH_TERMINAL
+            fresh = ctx.store.get_batches(conn, [row.id for row, _ in part])
+            pairs = [(fresh[row.id], remote) for row, remote in part if row.id in fresh]
+            for _row, remote in apply_observations(ctx, conn, pairs):
+                moved += 1
+                ended = ended or remote.status in BATCH_TERMINAL
     if ended:
         ctx.wake("collect")
         ctx.wake("submit")
     return moved
+
+
+def apply_observations(
+    ctx: DutyContext, conn: Connection, pairs: list[tuple[Row, RemoteBatch]]
+) -> list[tuple[Row, RemoteBatch]]:
+    """`apply_observation` for many batches (each row as just read in this transaction):
+    the plain status changes go through the store's grouped compare-and-set; a token-limit
+    refusal, an unknown or an illegal edge, and a batch seen twice take the one-by-one path.
+    The pairs whose batch changed status, in order."""
+    now = ctx.clock()
+    changes: list[BatchChange] = []
+    changing: list[tuple[Row, RemoteBatch]] = []
+    observed: list[tuple[str, dict[str, Any]]] = []
+    one_by_one: list[tuple[Row, RemoteBatch]] = []
+    seen: set[str] = set()
+    for row, remote in pairs:
+        dest = remote.status
+        if row.id in seen or dest not in _KNOWN:
+            one_by_one.append((row, remote))
+            continue
+        seen.add(row.id)
+        values = observed_values(remote, row, now)
+        if dest == row.status:
+            changed = _changed(row, values)
+            if changed:
+                observed.append((row.id, {**changed, "refreshed_at": now}))
+            continue
+        if (dest == B.FAILED and error_code(remote.errors) == TOKEN_LIMIT_CODE) or not (
+            BATCH_MACHINE.is_legal(row.status, dest)
+        ):
+            one_by_one.append((row, remote))
+            continue
+        at = getattr(remote, BATCH_TIME_COLUMN.get(BatchStatus(dest), ""), None)
+        changes.append(
+            BatchChange(row.id, row.status, dest, values=values, at=float(at) if at else None)
+        )
+        changing.append((row, remote))
+    batches.record_observed_many(conn, observed)
+    out: list[tuple[Row, RemoteBatch]] = []
+    moved = ctx.store.transition_batches(conn, changes, now=now) if changes else []
+    for (row, remote), new in zip(changing, moved, strict=True):
+        if new is not None:
+            _moved(ctx, conn, row, remote)
+            out.append((row, remote))
+    for row, remote in one_by_one:
+        current = ctx.store.get_batch(conn, row.id) if row.id in seen else row
+        if current is not None and apply_observation(ctx, conn, current, remote):
+            out.append((row, remote))
+    return out
+
+
+def _changed(row: Row, values: dict[str, Any]) -> dict[str, Any]:
+    """The observed values that differ from the row's, `refreshed_at` left out."""
+    changed = {k: v for k, v in values.items() if getattr(row, k, None) != v}
+    changed.pop("refreshed_at", None)
+    return changed
 
 
 def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: RemoteBatch) -> bool:
@@ -160,8 +225,7 @@ def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: Remo
     values = observed_values(remote, row, now)
     dest = remote.status
     if dest not in _KNOWN or dest == row.status:
-        changed = {k: v for k, v in values.items() if getattr(row, k, None) != v}
-        changed.pop("refreshed_at", None)
+        changed = _changed(row, values)
         # Nothing new (the common case for a long-running batch): write nothing, so a cycle
         # over thousands of open batches costs reads, not commits.
         if changed:
@@ -181,6 +245,14 @@ def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: Remo
         return False
     if moved is None:
         return False
+    _moved(ctx, conn, row, remote)
+    return True
+
+
+def _moved(ctx: DutyContext, conn: Connection, row: Row, remote: RemoteBatch) -> None:
+    """What follows a batch moving to the remote's status: the log line, and the problem of
+    a batch the remote failed."""
+    dest = remote.status
     log.info(
         "batch status", job_id=row.job_id, batch_id=row.id, remote_id=row.remote_id,
         source=row.status, dest=dest,
@@ -193,7 +265,6 @@ def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: Remo
             transient=False, action="run a batch",
         )  # fmt: skip
         problems.report(ctx, row.job_id, problem, ProblemSource.SUBMIT, conn, batch_id=row.id)
-    return True
 
 
 def _requeue_for_token_limit(

@@ -16,12 +16,14 @@ if TYPE_CHECKING:
     from sqlalchemy.exc import DBAPIError as DatabaseError
 
     from jobqueue.store.base import Store, StoreError
+    from jobqueue.store.batches import BatchChange
     from jobqueue.store.keys import job_number_of, requests_of_batch
 
 # Loaded on first use, so that `jobqueue.store.tables` (which the migrations' env imports for
 # the metadata) does not bring the engine and the migration runner with it. `Connection` and
 # `Row` are the types of the store's operations: a connection in a transaction, a row it read.
 _EXPORTS = {
+    "BatchChange": "jobqueue.store.batches",
     "Connection": "sqlalchemy",
     "Row": "sqlalchemy",
     # What the database driver raised (e.g. "database or disk is full"), as SQLAlchemy wraps it.
@@ -33,6 +35,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "BatchChange",
     "Connection",
     "DatabaseError",
     "Row",

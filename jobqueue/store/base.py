@@ -7,28 +7,34 @@ transaction, so two daemons can never both apply one edge and no change goes una
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
     Engine,
     Row,
     and_,
+    bindparam,
     create_engine,
     event,
+    exc,
     func,
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.sql.elements import ClauseElement
 
 from jobqueue.core.states import (
     BATCH_MACHINE,
@@ -43,7 +49,13 @@ from jobqueue.core.states import (
 from jobqueue.files.sharing import create_with_umask
 from jobqueue.logs import get_logger
 from jobqueue.store import coordination, events
-from jobqueue.store.batches import Lease, held, insert_queued_batches, new_lease_token
+from jobqueue.store.batches import (
+    BatchChange,
+    Lease,
+    held,
+    insert_queued_batches,
+    new_lease_token,
+)
 from jobqueue.store.batches import next_batch_number as _next_batch_number
 from jobqueue.store.batches import release as _release
 from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
@@ -51,6 +63,17 @@ from jobqueue.store.tables import batches_table, events_table, jobs_table, reque
 log = get_logger("jobqueue.store")
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+# Connections kept open per SQLite store: one per thread that writes or reads at once (a
+# daemon runs its duties, the hook dispatcher and the API's threads); more are opened when
+# needed and closed when given back. Keeping them open spares each transaction an open and a
+# close, and the checkpoint SQLite runs when the last connection of a WAL database closes
+# (about three fsyncs): WAL is checkpointed on SQLite's own schedule (`wal_autocheckpoint`,
+# every 1,000 pages), and once more when the store closes.
+SQLITE_POOL_SIZE = 10
+# A PostgreSQL connection idle in the pool longer than this is pinged before it is used (the
+# server may have restarted or dropped it); one just given back is used as it is, sparing a
+# round trip to every transaction.
+PG_PING_AFTER_IDLE = 2.0
 
 
 class StoreError(Exception):
@@ -97,15 +120,18 @@ class Store:
             self.engine = create_engine(
                 url,
                 echo=echo,
-                # One connection per checkout: SQLite connections are cheap and this keeps WAL
-                # checkpoints moving; threads never share a connection.
-                poolclass=NullPool,
+                # Kept and reused (see SQLITE_POOL_SIZE); a thread has a connection to itself
+                # while it holds it, and never waits for one (overflow has no limit).
+                poolclass=QueuePool,
+                pool_size=SQLITE_POOL_SIZE,
+                max_overflow=-1,
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             )
             _configure_sqlite(self.engine)
             self._write_lock: AbstractContextManager[Any] = threading.RLock()
         elif self.dialect == "postgresql":
-            self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
+            self.engine = create_engine(url, echo=echo, pool_size=10)
+            _ping_when_idle(self.engine, PG_PING_AFTER_IDLE)
             self._write_lock = nullcontext()
         else:
             raise StoreError(
@@ -122,6 +148,8 @@ class Store:
                 ) from exc
 
     def close(self) -> None:
+        """Close every connection of the store. On SQLite, the last one to close checkpoints
+        the WAL into the database file and removes it (unless another process has it open)."""
         self.engine.dispose()
         coordination.dispose(self)
 
@@ -204,19 +232,10 @@ class Store:
         """
         _check(BATCH_MACHINE, "batch", batch_id, source, dest)
         now = time.time() if now is None else now
-        vals: dict[str, Any] = {"status": dest, "updated_at": now, **(values or {})}
-        column = BATCH_TIME_COLUMN.get(dest)  # type: ignore[call-overload]
-        if column and vals.get(column) is None:
-            vals[column] = at if at is not None else now
-        fence = held(lease) if lease is not None else []
         if lease is not None and lease.batch_id != batch_id:
             raise ValueError(f"the lease is on batch {lease.batch_id}, not {batch_id}")
-        row = conn.execute(
-            update(batches_table)
-            .where(batches_table.c.id == batch_id, batches_table.c.status == source, *fence)
-            .values(**vals)
-            .returning(*batches_table.c)
-        ).first()
+        vals = _transition_values(dest, values, at, now)
+        row = _cas_batch(conn, batch_id, source, vals, lease)
         if row is None:
             return None
         self.add_event(
@@ -230,6 +249,53 @@ class Store:
             now=now,
         )
         return row
+
+    def transition_batches(
+        self, conn: Connection, changes: Sequence[BatchChange], *, now: float | None = None
+    ) -> list[Row | None]:
+        """Apply many batch transitions in the caller's transaction: each a compare-and-set
+        (`transition_batch`'s, lease fence included), each with its event, written with as few
+        statements as the database allows. The new row of each change, or None for one whose
+        batch was no longer in its `source` (or under its lease): that batch is not changed
+        and gets no event. The events are written in the order of `changes`.
+
+        An illegal edge (or a lease on another batch) raises before anything is written.
+        On PostgreSQL the changes that write the same columns are applied with one
+        `UPDATE … FROM (VALUES …)`, on SQLite (in process, no round trips) one statement
+        each; the events of all of them go in one `executemany` INSERT.
+        """
+        now = time.time() if now is None else now
+        prepared: list[tuple[BatchChange, dict[str, Any]]] = []
+        for change in changes:
+            _check(BATCH_MACHINE, "batch", change.batch_id, change.source, change.dest)
+            if change.lease is not None and change.lease.batch_id != change.batch_id:
+                raise ValueError(
+                    f"the lease is on batch {change.lease.batch_id}, not {change.batch_id}"
+                )
+            vals = _transition_values(change.dest, change.values, change.at, now)
+            prepared.append((change, vals))
+        ids = [change.batch_id for change in changes]
+        if self.dialect == "postgresql" and len(set(ids)) == len(ids) and len(ids) > 1:
+            rows = _cas_batches_pg(conn, prepared)
+        else:  # one batch changed twice: each change sees the one before it
+            rows = [_cas_batch(conn, c.batch_id, c.source, vals, c.lease) for c, vals in prepared]
+        events.add_events(
+            conn,
+            [
+                {
+                    "type": f"batch.{change.dest}",
+                    "job_id": row.job_id,
+                    "batch_id": change.batch_id,
+                    "from_status": change.source,
+                    "to_status": change.dest,
+                    "data": {**batch_event_data(row), **(change.data or {})},
+                    "created_at": now,
+                }
+                for change, row in zip(changes, rows, strict=True)
+                if row is not None
+            ],
+        )
+        return rows
 
     def transition_job(
         self,
@@ -369,7 +435,14 @@ class Store:
         return list(conn.execute(stmt).all())
 
     def get_batch(self, conn: Connection, batch_id: str) -> Row | None:
-        return conn.execute(select(batches_table).where(batches_table.c.id == batch_id)).first()
+        return conn.execute(_GET_BATCH, {"w_id": batch_id}).first()
+
+    def get_batches(self, conn: Connection, batch_ids: Iterable[str]) -> dict[str, Row]:
+        """The batches of `batch_ids` that exist, by id (one query)."""
+        ids = list(batch_ids)
+        if not ids:
+            return {}
+        return {row.id: row for row in conn.execute(_GET_BATCHES, {"w_ids": ids})}
 
     def job_batches(self, conn: Connection, job_id: str) -> list[Row]:
         return list(
@@ -593,6 +666,142 @@ class Store:
                 ),
             )
         ).scalar_one()
+
+
+def _ping_when_idle(engine: Engine, idle: float) -> None:
+    """Ping a pooled connection before use only when it sat idle in the pool over `idle`
+    seconds: a dead one is then replaced, as `pool_pre_ping` would, without a round trip on
+    every checkout. (One that died within `idle` fails its statement; the pool is then
+    refilled, as it is for any disconnect.)"""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info["jobqueue_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("jobqueue_idle_since")
+        if since is None or time.monotonic() - since < idle:
+            return
+        try:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("SELECT 1")
+            finally:
+                cur.close()
+            dbapi_conn.rollback()
+        except Exception as err:  # the pool retries with a fresh connection
+            raise exc.DisconnectionError(str(err)) from err
+
+
+# -- compare-and-set statements, built once ---------------------------------------------------
+#
+# The SET clause comes from the names of the parameters (SQLAlchemy compiles, and caches, one
+# statement per set of names), so the few statements below serve every transition.
+_B = batches_table
+_B_COLUMNS = frozenset(c.name for c in _B.c)
+_GET_BATCH = select(_B).where(_B.c.id == bindparam("w_id"))
+_GET_BATCHES = select(_B).where(_B.c.id.in_(bindparam("w_ids", expanding=True)))
+_CAS = update(_B).where(_B.c.id == bindparam("w_id"), _B.c.status == bindparam("w_from"))
+_CAS_RETURNING = _CAS.returning(*_B.c)
+_CAS_FENCED_RETURNING = _CAS.where(
+    _B.c.lease_owner == bindparam("w_owner"), _B.c.lease_token == bindparam("w_token")
+).returning(*_B.c)
+
+
+def _transition_values(
+    dest: str, values: Mapping[str, Any] | None, at: float | None, now: float
+) -> dict[str, Any]:
+    """The columns a transition to `dest` writes: status, updated_at, the state's time column
+    (`at`, else now) unless given, and `values`."""
+    vals: dict[str, Any] = {"status": dest, "updated_at": now, **(values or {})}
+    column = BATCH_TIME_COLUMN.get(dest)  # type: ignore[call-overload]
+    if column and vals.get(column) is None:
+        vals[column] = at if at is not None else now
+    unknown = vals.keys() - _B_COLUMNS
+    if unknown:  # a name that is no column would otherwise be an unused parameter
+        raise exc.CompileError(f"Unconsumed column names: {', '.join(sorted(unknown))}")
+    return vals
+
+
+def _cas_batch(
+    conn: Connection, batch_id: str, source: str, vals: dict[str, Any], lease: Lease | None
+) -> Row | None:
+    """One compare-and-set UPDATE … RETURNING: the new row, or None when it did not apply."""
+    if any(isinstance(v, ClauseElement) for v in vals.values()):  # an expression: built anew
+        fence = held(lease) if lease is not None else []
+        return conn.execute(
+            update(_B)
+            .where(_B.c.id == batch_id, _B.c.status == source, *fence)
+            .values(**vals)
+            .returning(*_B.c)
+        ).first()
+    params = {**vals, "w_id": batch_id, "w_from": source}
+    if lease is None:
+        return conn.execute(_CAS_RETURNING, params).first()
+    params["w_owner"], params["w_token"] = lease.owner, lease.token
+    return conn.execute(_CAS_FENCED_RETURNING, params).first()
+
+
+_PG_COLUMN_TYPES: dict[str, str] = {}
+
+
+def _pg_type(conn: Connection, name: str) -> str:
+    found = _PG_COLUMN_TYPES.get(name)
+    if found is None:
+        found = _B.c[name].type.compile(dialect=conn.dialect)
+        _PG_COLUMN_TYPES[name] = found
+    return found
+
+
+def _cas_batches_pg(
+    conn: Connection, prepared: Sequence[tuple[BatchChange, dict[str, Any]]]
+) -> list[Row | None]:
+    """The compare-and-sets of many distinct batches, one `UPDATE … FROM (VALUES …) RETURNING`
+    per set of columns written (and fenced or not). Each row of VALUES carries its batch's id,
+    expected status and lease; a batch whose row does not match is left as it is."""
+    groups: dict[tuple[tuple[str, ...], bool], list[int]] = {}
+    for i, (change, vals) in enumerate(prepared):
+        if any(isinstance(v, ClauseElement) for v in vals.values()):
+            groups.setdefault(((), False), []).append(i)  # built one by one below
+            continue
+        groups.setdefault((tuple(sorted(vals)), change.lease is not None), []).append(i)
+    found: dict[str, Row] = {}
+    returning = ", ".join(f"b.{c.name}" for c in _B.c)
+    for (columns, fenced), members in groups.items():
+        if not columns:
+            for i in members:
+                change, vals = prepared[i]
+                row = _cas_batch(conn, change.batch_id, change.source, vals, change.lease)
+                if row is not None:
+                    found[change.batch_id] = row
+            continue
+        keys = ["w_id", "w_from", *(["w_owner", "w_token"] if fenced else []), *columns]
+        params: dict[str, Any] = {}
+        tuples = []
+        for n, i in enumerate(members):
+            change, vals = prepared[i]
+            given: dict[str, Any] = {"w_id": change.batch_id, "w_from": change.source}
+            if change.lease is not None:
+                given["w_owner"], given["w_token"] = change.lease.owner, change.lease.token
+            for column in columns:
+                value = vals[column]
+                if value is not None and isinstance(_B.c[column].type, JSON):
+                    value = json.dumps(value)
+                given[column] = value
+            tuples.append("(" + ", ".join(f":p{n}_{k}" for k in range(len(keys))) + ")")
+            params.update({f"p{n}_{k}": given[key] for k, key in enumerate(keys)})
+        sets = ", ".join(f"{c} = CAST(v.{c} AS {_pg_type(conn, c)})" for c in columns)
+        fence = " AND b.lease_owner = v.w_owner AND b.lease_token = v.w_token" if fenced else ""
+        sql = (
+            f"UPDATE batches AS b SET {sets} FROM (VALUES {', '.join(tuples)}) "
+            f"AS v({', '.join(keys)}) WHERE b.id = v.w_id AND b.status = v.w_from{fence} "
+            f"RETURNING {returning}"
+        )
+        for row in conn.execute(text(sql).columns(*_B.c), params):
+            found[row.id] = row
+    return [found.get(change.batch_id) for change, _vals in prepared]
 
 
 def _lease_free(taker: str, now: float, live_owners: Iterable[str]) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, func, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from jobqueue.core.ids import new_id
@@ -53,6 +53,21 @@ class Lease:
         return cls(row.id, row.lease_owner, row.lease_token, float(row.lease_until or 0.0))
 
 
+@dataclass(frozen=True, slots=True)
+class BatchChange:
+    """One transition of `Store.transition_batches`: `source -> dest` on a batch, with the
+    columns it writes (`values`), the remote's time for it (`at`), what its event's data adds
+    (`data`), and the lease it is fenced on, if any (as `Store.transition_batch` takes them)."""
+
+    batch_id: str
+    source: str
+    dest: str
+    values: Mapping[str, Any] | None = None
+    at: float | None = None
+    data: Mapping[str, Any] | None = None
+    lease: Lease | None = None
+
+
 def new_lease_token() -> str:
     return os.urandom(8).hex()
 
@@ -67,16 +82,29 @@ def held(lease: Lease) -> list[ColumnElement[bool]]:
     ]
 
 
+# Built once (SQLAlchemy caches their compiled form): the fenced writes of a lease holder,
+# their SET clause from the names of the parameters.
+_HELD = update(batches_table).where(
+    batches_table.c.id == bindparam("w_id"),
+    batches_table.c.lease_owner == bindparam("w_owner"),
+    batches_table.c.lease_token == bindparam("w_token"),
+)
+
+
+def _held_params(lease: Lease, **values: Any) -> dict[str, Any]:
+    return {"w_id": lease.batch_id, "w_owner": lease.owner, "w_token": lease.token, **values}
+
+
 def renew_lease(conn: Connection, lease: Lease, *, until: float) -> Lease | None:
     """Extend a held lease to `until`; the renewed lease, or None when it was lost."""
-    result = conn.execute(update(batches_table).where(*held(lease)).values(lease_until=until))
+    result = conn.execute(_HELD, _held_params(lease, lease_until=until))
     return replace(lease, until=until) if result.rowcount else None
 
 
 def release(conn: Connection, lease: Lease) -> bool:
     """Give a held batch back unchanged (a step failed and will be tried again). False when
     the lease was lost already."""
-    result = conn.execute(update(batches_table).where(*held(lease)).values(**_RELEASED))
+    result = conn.execute(_HELD, _held_params(lease, **_RELEASED))
     return bool(result.rowcount)
 
 
@@ -262,6 +290,20 @@ def mark_submitted(
 def record_observed(conn: Connection, batch_id: str, values: Mapping[str, Any]) -> None:
     """Record what a refresh saw of a batch whose status did not change."""
     _update(conn, batch_id, **values)
+
+
+_BY_ID = update(batches_table).where(batches_table.c.id == bindparam("w_id"))
+
+
+def record_observed_many(
+    conn: Connection, observed: Sequence[tuple[str, Mapping[str, Any]]]
+) -> None:
+    """`record_observed` for many batches: one `executemany` per set of columns written."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for batch_id, values in observed:
+        groups.setdefault(tuple(sorted(values)), []).append({**values, "w_id": batch_id})
+    for params in groups.values():
+        conn.execute(_BY_ID, params)
 
 
 def requeue_after_token_limit(

@@ -86,11 +86,18 @@ def migration_connection(store: Store) -> Iterator[Connection]:
         sqlite = conn.connection.driver_connection
         assert sqlite is not None  # a checked-out connection has its DB-API connection
         sqlite.execute("PRAGMA foreign_keys = OFF")
-        with conn.begin():
-            yield conn
-            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-            if broken:
-                raise RuntimeError(f"migration left broken foreign keys: {broken[:5]}")
+        try:
+            with conn.begin():
+                yield conn
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"migration left broken foreign keys: {broken[:5]}")
+        finally:
+            # The connection goes back to the store's pool: enforcing again, or not reused.
+            try:
+                sqlite.execute("PRAGMA foreign_keys = ON")
+            except Exception:
+                conn.invalidate()
 
 
 def upgrade_if_behind(store: Store) -> bool:
