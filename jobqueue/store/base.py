@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     Connection,
@@ -35,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.selectable import TextualSelect
 
 from jobqueue.core.states import (
     BATCH_MACHINE,
@@ -260,9 +262,10 @@ class Store:
         and gets no event. The events are written in the order of `changes`.
 
         An illegal edge (or a lease on another batch) raises before anything is written.
-        On PostgreSQL the changes that write the same columns are applied with one
-        `UPDATE … FROM (VALUES …)`, on SQLite (in process, no round trips) one statement
-        each; the events of all of them go in one `executemany` INSERT.
+        The changes that write the same columns are applied with one `UPDATE … FROM` a JSON
+        array (`json_array_elements` on PostgreSQL, `json_each` on SQLite) `… RETURNING`, and
+        the events of all of them with one INSERT (`INSERT … SELECT` from a JSON array on
+        PostgreSQL, an `executemany` on SQLite).
         """
         now = time.time() if now is None else now
         prepared: list[tuple[BatchChange, dict[str, Any]]] = []
@@ -275,8 +278,8 @@ class Store:
             vals = _transition_values(change.dest, change.values, change.at, now)
             prepared.append((change, vals))
         ids = [change.batch_id for change in changes]
-        if self.dialect == "postgresql" and len(set(ids)) == len(ids) and len(ids) > 1:
-            rows = _cas_batches_pg(conn, prepared)
+        if len(set(ids)) == len(ids) and len(ids) > 1:
+            rows = _cas_batches(conn, prepared)
         else:  # one batch changed twice: each change sees the one before it
             rows = [_cas_batch(conn, c.batch_id, c.source, vals, c.lease) for c, vals in prepared]
         events.add_events(
@@ -755,12 +758,14 @@ def _pg_type(conn: Connection, name: str) -> str:
     return found
 
 
-def _cas_batches_pg(
+def _cas_batches(
     conn: Connection, prepared: Sequence[tuple[BatchChange, dict[str, Any]]]
 ) -> list[Row | None]:
-    """The compare-and-sets of many distinct batches, one `UPDATE … FROM (VALUES …) RETURNING`
-    per set of columns written (and fenced or not). Each row of VALUES carries its batch's id,
-    expected status and lease; a batch whose row does not match is left as it is."""
+    """The compare-and-sets of many distinct batches: one `UPDATE … FROM` a JSON array
+    `… RETURNING` per set of columns written (and fenced or not). The batches come as one JSON
+    text (an array a batch: its id, expected status, lease, then its values), parsed by the
+    database; a batch whose row does not match its element is left as it is. The statement's
+    text depends on the columns alone, so it is built (and prepared) once."""
     groups: dict[tuple[tuple[str, ...], bool], list[int]] = {}
     for i, (change, vals) in enumerate(prepared):
         if any(isinstance(v, ClauseElement) for v in vals.values()):
@@ -768,7 +773,6 @@ def _cas_batches_pg(
             continue
         groups.setdefault((tuple(sorted(vals)), change.lease is not None), []).append(i)
     found: dict[str, Row] = {}
-    returning = ", ".join(f"b.{c.name}" for c in _B.c)
     for (columns, fenced), members in groups.items():
         if not columns:
             for i in members:
@@ -777,31 +781,59 @@ def _cas_batches_pg(
                 if row is not None:
                     found[change.batch_id] = row
             continue
-        keys = ["w_id", "w_from", *(["w_owner", "w_token"] if fenced else []), *columns]
-        params: dict[str, Any] = {}
-        tuples = []
-        for n, i in enumerate(members):
+        elements = []
+        for i in members:
             change, vals = prepared[i]
-            given: dict[str, Any] = {"w_id": change.batch_id, "w_from": change.source}
+            given: list[Any] = [change.batch_id, change.source]
             if change.lease is not None:
-                given["w_owner"], given["w_token"] = change.lease.owner, change.lease.token
-            for column in columns:
-                value = vals[column]
-                if value is not None and isinstance(_B.c[column].type, JSON):
-                    value = json.dumps(value)
-                given[column] = value
-            tuples.append("(" + ", ".join(f":p{n}_{k}" for k in range(len(keys))) + ")")
-            params.update({f"p{n}_{k}": given[key] for k, key in enumerate(keys)})
-        sets = ", ".join(f"{c} = CAST(v.{c} AS {_pg_type(conn, c)})" for c in columns)
-        fence = " AND b.lease_owner = v.w_owner AND b.lease_token = v.w_token" if fenced else ""
-        sql = (
-            f"UPDATE batches AS b SET {sets} FROM (VALUES {', '.join(tuples)}) "
-            f"AS v({', '.join(keys)}) WHERE b.id = v.w_id AND b.status = v.w_from{fence} "
-            f"RETURNING {returning}"
-        )
-        for row in conn.execute(text(sql).columns(*_B.c), params):
+                given += [change.lease.owner, change.lease.token]
+            elements.append(given + [vals[column] for column in columns])
+        statement = _cas_many_statement(conn, columns, fenced)
+        for row in conn.execute(statement, {"w_rows": _json_text(elements)}):
             found[row.id] = row
     return [found.get(change.batch_id) for change, _vals in prepared]
+
+
+_CAS_MANY: dict[tuple[str, tuple[str, ...], bool], TextualSelect] = {}
+
+
+def _cas_many_statement(conn: Connection, columns: tuple[str, ...], fenced: bool) -> TextualSelect:
+    """`UPDATE batches … FROM` the elements of a JSON array: element k of each is cast to its
+    column's type (a JSON column takes the JSON value itself). Its rows typed as the table's."""
+    dialect = conn.dialect.name
+    statement = _CAS_MANY.get((dialect, columns, fenced))
+    if statement is None:
+        pg = dialect == "postgresql"
+        x = "v.x" if pg else "v.value"
+        first = 4 if fenced else 2
+        sets = []
+        for k, c in enumerate(columns):
+            if isinstance(_B.c[c].type, JSON):
+                sets.append(f"{c} = {x} -> {first + k}")
+            elif pg:
+                sets.append(f"{c} = CAST({x} ->> {first + k} AS {_pg_type(conn, c)})")
+            else:  # SQLite: the JSON value's own type, and the column's affinity
+                sets.append(f"{c} = {x} ->> {first + k}")
+        fence = f" AND b.lease_owner = {x} ->> 2 AND b.lease_token = {x} ->> 3" if fenced else ""
+        if pg:
+            source = "json_array_elements(CAST(:w_rows AS json)) AS v(x)"
+        else:
+            source = "json_each(:w_rows) AS v"
+        # Unqualified: SQLite's RETURNING names the updated table's columns only.
+        returning = ", ".join(c.name for c in _B.c)
+        statement = text(
+            f"UPDATE batches AS b SET {', '.join(sets)} FROM {source} "
+            f"WHERE b.id = {x} ->> 0 AND b.status = {x} ->> 1{fence} RETURNING {returning}"
+        ).columns(*_B.c)
+        _CAS_MANY[(dialect, columns, fenced)] = statement
+    return statement
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # what orjson does not know, json may (it raises the same otherwise)
+        return json.dumps(value)
 
 
 def _lease_free(taker: str, now: float, live_owners: Iterable[str]) -> Any:
