@@ -951,18 +951,18 @@ class InMemoryRemote:
         )
 
     def _page(self, after: str | None, limit: int) -> BatchPage:
-        newest_first = list(reversed(self._batches.values()))
-        start = 0
+        oldest_first = list(self._batches)  # ids; only the page's batches are viewed
+        end = len(oldest_first)  # the page ends (newest first) just before this position
         if after is not None:
-            ids = [b.id for b in newest_first]
-            if after not in ids:
+            if after not in self._batches:
                 return BatchPage(data=[], has_more=False)
-            start = ids.index(after) + 1
+            end = oldest_first.index(after)
         limit = max(1, min(int(limit), 100))
-        data = [b.view() for b in newest_first[start : start + limit]]
+        page = oldest_first[max(0, end - limit) : end]
+        data = [self._batches[batch_id].view() for batch_id in reversed(page)]
         return BatchPage(
             data=data,
-            has_more=start + limit < len(newest_first),
+            has_more=end - limit > 0,
             first_id=data[0].id if data else None,
             last_id=data[-1].id if data else None,
         )

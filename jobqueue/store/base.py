@@ -127,12 +127,15 @@ class Store:
                 poolclass=QueuePool,
                 pool_size=SQLITE_POOL_SIZE,
                 max_overflow=-1,
+                pool_use_lifo=True,
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             )
             _configure_sqlite(self.engine)
             self._write_lock: AbstractContextManager[Any] = threading.RLock()
         elif self.dialect == "postgresql":
-            self.engine = create_engine(url, echo=echo, pool_size=10)
+            # Last in, first out: the connections in use stay few and warm, and the others
+            # sit idle (and are pinged before use, see `_ping_when_idle`).
+            self.engine = create_engine(url, echo=echo, pool_size=10, pool_use_lifo=True)
             _ping_when_idle(self.engine, PG_PING_AFTER_IDLE)
             self._write_lock = nullcontext()
         else:
