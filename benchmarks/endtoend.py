@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,28 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+def sample_rss(proc: subprocess.Popen[bytes], path: Path) -> None:
+    """Write the daemon's RSS (MB: all, anonymous, file, shared) with the wall-clock time every
+    0.1 s, until it exits."""
+    with path.open("w") as out:
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except OSError:
+                return
+            kb = {
+                x.split(":")[0]: int(x.split()[1]) // 1024
+                for x in status.splitlines()
+                if x.startswith(("VmRSS:", "RssAnon:", "RssFile:", "RssShmem:"))
+            }
+            out.write(
+                f"{time.time():.2f} {kb['VmRSS']} anon {kb['RssAnon']} file {kb['RssFile']} "
+                f"shmem {kb['RssShmem']}\n"
+            )
+            out.flush()
+            time.sleep(0.1)
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,8 +105,9 @@ def run_one(source: Path, work: Path, expire: int, args: argparse.Namespace) -> 
     run_dir.mkdir(parents=True)
     database_url = args.database_url or f"sqlite:///{run_dir / 'jobqueue.db'}"
     config = EmulatorConfig(
-        time_scale=TIME_SCALE, seed=7, data_dir=run_dir / "emulator", validating_seconds=1,
-        finalizing_seconds=1, requests_per_minute=60_000, embedding_dimensions=args.dimensions,
+        time_scale=TIME_SCALE, seed=7, data_dir=run_dir / "emulator",
+        validating_seconds=args.validating * TIME_SCALE, finalizing_seconds=1,
+        requests_per_minute=60_000, embedding_dimensions=args.dimensions,
         completion_window_seconds=1e9,
     )  # fmt: skip
     proc: subprocess.Popen[bytes] | None = None
@@ -105,21 +129,27 @@ def run_one(source: Path, work: Path, expire: int, args: argparse.Namespace) -> 
             env.update(
                 JOBQUEUE_DATABASE_URL=database_url, JOBQUEUE_DATA_DIR=str(run_dir / "data"),
                 JOBQUEUE_BASE_URL=em.base_url, OPENAI_API_KEY="bench",
-                JOBQUEUE_POLL_INTERVAL="1", JOBQUEUE_LOG_LEVEL="warning",
+                JOBQUEUE_POLL_INTERVAL="1", JOBQUEUE_LOG_LEVEL=args.log_level,
                 JOBQUEUE_OUTPUT_EXPIRES_AFTER="2592000",
             )  # fmt: skip
             if args.concurrency is not None:
                 env["JOBQUEUE_SUBMIT_CONCURRENCY"] = str(args.concurrency)
             log_path = run_dir / "daemon.log"
             try:
+                # (`--wrapper SCRIPT`: the daemon runs as `python SCRIPT run …`, e.g. traced.)
+                program = [str(args.wrapper)] if args.wrapper else ["-m", "jobqueue"]
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "jobqueue", "run", "--listen", f"127.0.0.1:{port}"],
+                    [sys.executable, *program, "run", "--listen", f"127.0.0.1:{port}"],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=log_path.open("wb"),
                 )
                 wait_ready(url, proc)
+                if args.sample:
+                    threading.Thread(
+                        target=sample_rss, args=(proc, args.sample), daemon=True
+                    ).start()
                 started = time.perf_counter()
                 job = jq.submit(source, "/v1/embeddings", max_batch_requests=args.per_batch)
                 submitted = time.perf_counter() - started
@@ -161,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--expire", type=int, nargs="+", default=[0, 8])
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--database-url", default=None)
+    ap.add_argument(
+        "--validating", type=float, default=5.0, help="real seconds each batch validates"
+    )
+    ap.add_argument("--sample", type=Path, default=None, help="write the daemon's RSS here")
+    ap.add_argument("--log-level", default="warning", help="the daemon's")
+    ap.add_argument("--wrapper", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")

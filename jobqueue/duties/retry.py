@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from jobqueue.core import memory
 from jobqueue.core.ids import new_id
 from jobqueue.core.lifecycle import job_may_retry
 from jobqueue.duties.context import DutyContext
@@ -31,6 +32,7 @@ def retry_once(ctx: DutyContext) -> int:
     moved = 0
     for job_id in job_ids:
         moved += retry_job(ctx, job_id)
+        memory.trim()
     if moved:
         ctx.wake("submit")
     return moved
