@@ -40,7 +40,7 @@ from jobqueue.remote.base import (
     RemoteError,
     TransientRemoteError,
 )
-from jobqueue.store import Row, batches, jobs
+from jobqueue.store import Row, batches, coordination, jobs
 from jobqueue.store.batches import Lease
 from jobqueue.store.lifecycle import settle_job
 
@@ -125,6 +125,8 @@ def claim_next(ctx: DutyContext, skip: Collection[str] = ()) -> tuple[Row, Lease
     store, now = ctx.store, ctx.clock()
     limit = ctx.settings.enqueued_token_limit
     with store.write() as conn:
+        if limit:
+            coordination.serialize_claims(conn)  # the budget holds across daemons too
         candidates = [
             row
             for row in store.queued_candidates(conn, now, _CLAIM_LIMIT + len(skip))

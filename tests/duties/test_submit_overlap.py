@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from jobqueue.duties.submit import submit_once
+from jobqueue.duties.submit import claim_next, submit_once
+from jobqueue.store import batches, coordination
 from jobqueue.testing import Call
 from tests.duties.conftest import Crash, World
 from tests.duties.test_two_owners import running
@@ -179,3 +180,42 @@ def test_the_concurrency_is_a_bounded_setting() -> None:
     for bad in (0, 65):
         with pytest.raises(ValidationError):
             Settings(submit_concurrency=bad)
+
+
+def test_two_daemons_claims_are_ordered_so_the_budget_holds(make_world: Callable) -> None:
+    """Room for one shard. Daemon two claims one in a transaction still open when daemon one
+    comes to claim: one waits for it (the claim lock), then counts two's batch and claims
+    nothing, instead of both counting an empty budget."""
+    probe = make_world()
+    if probe.store.dialect != "postgresql":
+        pytest.skip("on SQLite the write lock already orders every writer")
+    probe_job = probe.submit(20, max_batch_requests=10)
+    tokens = max(probe.row(b).estimated_tokens for b in _batches(probe, probe_job.id))
+    probe.jq.cancel(probe_job.id)
+    world = make_world(enqueued_token_limit=tokens + 1)
+    first, second = _batches(world, world.submit(20, max_batch_requests=10).id)
+    one = world.ctx("daemon-1", own_store=True)
+    out: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: out.update(claimed=claim_next(one)))
+    with world.store.write() as conn:
+        coordination.serialize_claims(conn)
+        assert batches.claim_queued(
+            world.store, conn, world.row(first), owner="daemon-2", now=world.clock(),
+            lease_seconds=60,
+        )  # fmt: skip
+        thread.start()
+        _wait_for(lambda: _waiting_on_an_advisory_lock(world))
+        assert "claimed" not in out
+    thread.join(10)
+    assert out == {"claimed": None}
+    assert world.row(first).lease_owner == "daemon-2" and world.row(second).status == "queued"
+
+
+def _waiting_on_an_advisory_lock(world: World) -> bool:
+    with world.store.read() as conn:
+        return bool(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid = 27250 AND objsubid = 2"  # the claim lock (0x6A72, hash)
+            ).scalar_one()
+        )
