@@ -165,6 +165,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=300.0, gt=0)
     token_limit_backoff: float = Field(default=300.0, gt=0)
     enqueued_token_limit: int | None = Field(default=None, gt=0)
+    # Batches one daemon uploads and creates at once (each under its own lease).
+    submit_concurrency: int = Field(default=4, ge=1, le=64)
     # Reconcile: list pages instead of one GET per batch above this many open batches.
     list_threshold: int = Field(default=50, ge=0)
     overdue_grace: float = Field(default=3600.0, ge=0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobqueue.core import memory
 from jobqueue.core.lifecycle import batch_may_retry, missing_result_code
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import error_code
@@ -57,9 +58,11 @@ def collect_once(ctx: DutyContext) -> int:
             fetching = pool.submit(fetch_results, ctx, row)
             if ahead is not None:
                 moved += _record(ctx, ahead[0], ahead[1], ahead[2].result())
+                memory.trim()
             ahead = (row, lease, fetching)
         if ahead is not None:
             moved += _record(ctx, ahead[0], ahead[1], ahead[2].result())
+            memory.trim()
     if moved:
         ctx.wake("retry")
     return moved

@@ -75,6 +75,10 @@ class DutyContext:
     # A daemon's heartbeat (None: the duties run unregistered, e.g. in a one-shot run or a test;
     # they always claim, and their leases are judged by lease time alone).
     heartbeat: Heartbeat | None = None
+    # `count` is called from several threads at once (the submissions overlap).
+    _count_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def may_claim(self) -> bool:
         """Whether the duties may claim new work now: always, unless our heartbeat is stale."""
@@ -88,4 +92,5 @@ class DutyContext:
         return self.data_dir / "jobs" / job_id
 
     def count(self, name: str, n: float = 1) -> None:
-        self.stats[name] = self.stats.get(name, 0) + n
+        with self._count_lock:
+            self.stats[name] = self.stats.get(name, 0) + n

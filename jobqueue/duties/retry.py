@@ -9,12 +9,13 @@ leftovers each become one new batch, not twenty.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from jobqueue.core import memory
 from jobqueue.core.ids import new_id
 from jobqueue.core.lifecycle import job_may_retry
 from jobqueue.duties.context import DutyContext
@@ -31,6 +32,7 @@ def retry_once(ctx: DutyContext) -> int:
     moved = 0
     for job_id in job_ids:
         moved += retry_job(ctx, job_id)
+        memory.trim()
     if moved:
         ctx.wake("submit")
     return moved
@@ -54,10 +56,11 @@ def retry_job(ctx: DutyContext, job_id: str) -> int:
             pending = requests.pending_by_batch(conn, job_id)
         for group in _groups(pending, job.max_batch_requests):
             with ctx.store.read() as conn:
-                rows = requests.pending_in_batches(conn, job_id, group)
-            if not rows:
+                sources = _pending_sources(ctx, conn, job_id, group)
+            count = sum(len(source.wanted) for source in sources)
+            if not count:
                 continue
-            shards = _write_retry_shards(ctx, job, rows)
+            shards = _write_retry_shards(ctx, job, sources, count)
             try:
                 with ctx.store.write() as conn:
                     made += _record_retry_batches(conn, job, shards, now)
@@ -65,7 +68,7 @@ def retry_job(ctx: DutyContext, job_id: str) -> int:
                 for shard in shards:
                     Path(shard["path"]).unlink(missing_ok=True)
                 raise
-            retried += len(rows)
+            retried += count
     if not made:
         with ctx.store.write() as conn:
             settle_job(ctx.store, conn, job_id, now=now)
@@ -99,13 +102,43 @@ def _finalise(ctx: DutyContext, job: Row, *, retry_allowed: bool) -> int:
         )
 
 
-def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dict[str, Any]]:
-    """Copy the lines of `rows` from their previous shards into new shard files."""
+@dataclass(slots=True)
+class _Source:
+    """A collected batch with requests to retry: its shard, its model, and for each pending
+    custom id (position, batch_number, attempt). Plain tuples, no row objects: a group holds
+    up to a whole batch's worth of requests (`max_batch_requests`)."""
+
+    batch_id: str
+    path: str
+    model: str | None
+    wanted: dict[str, tuple[int, int, int]]
+
+
+def _pending_sources(
+    ctx: DutyContext, conn: Connection, job_id: str, batch_ids: list[str]
+) -> list[_Source]:
+    sources = []
+    for batch_id in batch_ids:
+        batch = ctx.store.get_batch(conn, batch_id)
+        if batch is None:
+            continue
+        wanted = {
+            custom_id: (position, number, attempt)
+            for custom_id, position, number, attempt in requests.pending_of_batch(
+                conn, job_id, batch_id
+            )
+        }
+        if wanted:
+            sources.append(_Source(batch_id, batch.input_path, batch.model, wanted))
+    return sources
+
+
+def _write_retry_shards(
+    ctx: DutyContext, job: Row, sources: list[_Source], count: int
+) -> list[dict[str, Any]]:
+    """Copy the pending lines of `sources` from their shards into new shard files."""
     retry_dir = ctx.job_dir(job.id) / "input"
     retry_dir.mkdir(parents=True, exist_ok=True)
-    by_source: dict[str, dict[str, Row]] = defaultdict(dict)
-    for row in rows:
-        by_source[row.input_path][row.custom_id] = row
     shards: list[dict[str, Any]] = []
     open_by_model: dict[str | None, dict[str, Any]] = {}
 
@@ -114,25 +147,26 @@ def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dic
         path = retry_dir / f"retry-{shard_id}.jsonl"
         shard = {
             "id": shard_id, "path": path, "file": path.open("wb"), "model": model,
-            "attempt": attempt, "requests": [], "bytes": 0, "tokens": 0,
+            "attempt": attempt, "requests": [], "sources": set(), "bytes": 0, "tokens": 0,
         }  # fmt: skip
         shards.append(shard)
         open_by_model[model] = shard
         return shard
 
     try:
-        for source, wanted in by_source.items():
-            with open(source, "rb") as f:
+        for source in sources:
+            wanted, model = source.wanted, source.model
+            with open(source.path, "rb") as f:
                 for line in f:
                     if not line.strip():
                         continue
-                    custom_id = orjson.loads(line).get("custom_id")
-                    request = wanted.get(custom_id)
+                    request = wanted.get(orjson.loads(line).get("custom_id"))
                     if request is None:
                         continue
+                    position, number, attempt = request
                     if not line.endswith(b"\n"):
                         line += b"\n"
-                    shard = open_by_model.get(request.model)
+                    shard = open_by_model.get(model)
                     if (
                         shard is None
                         or len(shard["requests"]) >= job.max_batch_requests
@@ -140,12 +174,13 @@ def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dic
                     ):
                         if shard is not None:
                             shard["file"].close()
-                        shard = start(request.model, request.attempt + 1)
+                        shard = start(model, attempt + 1)
                     shard["file"].write(line)
                     shard["bytes"] += len(line)
                     shard["tokens"] += len(line) // 4
-                    shard["attempt"] = max(shard["attempt"], request.attempt + 1)
-                    shard["requests"].append(request)
+                    shard["attempt"] = max(shard["attempt"], attempt + 1)
+                    shard["requests"].append((position, number))
+                    shard["sources"].add(source.batch_id)
     except BaseException:
         for shard in shards:
             shard["file"].close()
@@ -153,7 +188,7 @@ def _write_retry_shards(ctx: DutyContext, job: Row, rows: list[Row]) -> list[dic
         raise
     for shard in shards:
         shard["file"].close()
-    missing = len(rows) - sum(len(s["requests"]) for s in shards)
+    missing = count - sum(len(s["requests"]) for s in shards)
     if missing:
         log.error("retry lines not found in their shards", job_id=job.id, missing=missing)
     return shards
@@ -166,9 +201,7 @@ def _record_retry_batches(
     for shard in shards:
         moving = shard["requests"]
         number = batches.next_batch_number(conn, job.id)
-        moved = requests.move_to_retry_batch(
-            conn, job.number, [(q.position, q.batch_number) for q in moving], number
-        )
+        moved = requests.move_to_retry_batch(conn, job.number, moving, number)
         if moved != len(moving):
             # Another daemon retried these first: undo by failing the transaction.
             raise RuntimeError(f"retry race on job {job.id}: {moved} of {len(moving)} moved")
@@ -179,7 +212,7 @@ def _record_retry_batches(
             "estimated_tokens": shard["tokens"],
         }  # fmt: skip
         batches.insert_queued_batches(
-            conn, [new], now=now, data=[{"retry_of": sorted({q.batch_id for q in moving})}]
+            conn, [new], now=now, data=[{"retry_of": sorted(shard["sources"])}]
         )
         next_index += 1
     return len(shards)

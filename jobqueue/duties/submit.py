@@ -12,11 +12,17 @@ upload, the create) the holder renews its lease to outlive the longest the call 
 (`provider.max_call_seconds`), and starts the call only if that renewal held. A lease is taken
 over only once it has run out and its holder is not a live daemon (`recover_submitting`), so
 no daemon recovers a batch while another's create may still take effect.
+
+Overlapped: up to `submit_concurrency` claimed batches are uploaded and created at once, each in
+a thread of its own under its own lease, as above. The claims themselves stay one at a time in
+the duty's own thread (`claim_next`, the one place a batch is claimed), so the token budget of
+each claim counts every batch in flight (claimed batches are `submitting`, which it counts).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from jobqueue.core.backoff import backoff
@@ -34,7 +40,7 @@ from jobqueue.remote.base import (
     RemoteError,
     TransientRemoteError,
 )
-from jobqueue.store import Row, batches, jobs
+from jobqueue.store import Row, batches, coordination, jobs
 from jobqueue.store.batches import Lease
 from jobqueue.store.lifecycle import settle_job
 
@@ -56,12 +62,57 @@ _UNCERTAIN_LEASE = 30.0
 def submit_once(ctx: DutyContext) -> int:
     moved = recover_submitting(ctx)
     worked: set[str] = set()  # each batch once a run (a requeued one waits for the next)
-    for _ in range(_CLAIM_LIMIT):
-        claimed = claim_next(ctx, skip=worked)
-        if claimed is None:
-            break
-        worked.add(claimed[0].id)
-        moved += submit_batch(ctx, *claimed)
+    width = max(1, int(ctx.settings.submit_concurrency))
+    if width == 1:
+        for _ in range(_CLAIM_LIMIT):
+            claimed = claim_next(ctx, skip=worked)
+            if claimed is None:
+                break
+            worked.add(claimed[0].id)
+            moved += submit_batch(ctx, *claimed)
+        return moved
+    return moved + _submit_overlapped(ctx, worked, width)
+
+
+def _submit_overlapped(ctx: DutyContext, worked: set[str], width: int) -> int:
+    """Up to `width` batches uploaded and created at once, each by `submit_batch` under its own
+    lease in a thread of its own. The claims stay here, one at a time, each just before its
+    batch's work starts: a claim moves the batch to `submitting`, so the token budget of the
+    next claim counts every batch in flight. A failure of one batch (the database, say) stops
+    the claims; those in flight finish, then it is raised."""
+    moved = 0
+    running: set[Future[int]] = set()
+    failure: BaseException | None = None
+
+    def settle(done: Collection[Future[int]]) -> None:
+        nonlocal moved, failure
+        for future in done:
+            try:
+                moved += future.result()
+            except BaseException as exc:  # raised once every submission in flight is done
+                if failure is None:
+                    failure = exc
+                else:
+                    log.warning("submission failed", error=repr(exc))
+
+    with ThreadPoolExecutor(width, thread_name_prefix="jobqueue-submit") as pool:
+        try:
+            claims = 0
+            while claims < _CLAIM_LIMIT and failure is None:
+                if len(running) >= width:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    settle(done)
+                    continue
+                claimed = claim_next(ctx, skip=worked)
+                if claimed is None:
+                    break
+                worked.add(claimed[0].id)
+                claims += 1
+                running.add(pool.submit(submit_batch, ctx, *claimed))
+        finally:
+            settle(wait(running).done)
+    if failure is not None:
+        raise failure
     return moved
 
 
@@ -74,6 +125,8 @@ def claim_next(ctx: DutyContext, skip: Collection[str] = ()) -> tuple[Row, Lease
     store, now = ctx.store, ctx.clock()
     limit = ctx.settings.enqueued_token_limit
     with store.write() as conn:
+        if limit:
+            coordination.serialize_claims(conn)  # the budget holds across daemons too
         candidates = [
             row
             for row in store.queued_candidates(conn, now, _CLAIM_LIMIT + len(skip))

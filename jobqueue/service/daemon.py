@@ -24,6 +24,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from jobqueue.core import memory
 from jobqueue.duties.collect import collect_once
 from jobqueue.duties.context import DutyContext, Heartbeat, make_owner
 from jobqueue.duties.expire import expire_once
@@ -178,6 +179,7 @@ class Daemon:
             return
         self.hold_database()
         self._ran = True
+        memory.limit_arenas()  # before the duties' threads start
         # Registered, with a first heartbeat, before anything is claimed.
         self.ctx.heartbeat = Heartbeat(self.settings.daemon_timeout)
         register(self.ctx)

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 # pg_try_advisory_lock(int4, int4): a class of our own ("jq"), and the schema's hash.
 _LEADER_CLASS = 0x6A71
 _LEADER_KEY = f"{_LEADER_CLASS}, hashtext(current_schema())"
+# pg_advisory_xact_lock(int4, int4) taken by the claims of submit, per schema.
+_CLAIMS_KEY = f"{_LEADER_CLASS + 1}, hashtext(current_schema())"
 # The channel: short and a legal identifier whatever the schema's name.
 _CHANNEL_SQL = "'jobqueue_' || left(md5(current_schema()), 16)"
 # conn.info key of the duties a write transaction gave work to.
@@ -145,6 +147,15 @@ def leader_pid(conn: Connection) -> int | None:
 
 
 # -- wake-ups --------------------------------------------------------------------------------
+
+
+def serialize_claims(conn: Connection) -> None:
+    """Hold the claim lock to the end of this write transaction (PostgreSQL; on SQLite the
+    write lock already orders all writers). Claims that check a budget (the enqueued tokens)
+    take it first, so that two daemons' claims never both count the budget before either's
+    batch is `submitting`: every claim's budget counts every batch claimed before it."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CLAIMS_KEY})")
 
 
 def wake(conn: Connection, *duties: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Row, Select, and_, bindparam, func, select, update
@@ -93,6 +93,18 @@ def pending_in_batches(conn: Connection, job_id: str, batch_ids: list[str]) -> l
                r.c.attempt, b.c.input_path, b.c.model)  # fmt: skip
     query = _pending_of_job(select(*columns), job_id)
     return list(conn.execute(query.where(b.c.id.in_(batch_ids)).order_by(r.c.position)).all())
+
+
+def pending_of_batch(
+    conn: Connection, job_id: str, batch_id: str
+) -> Iterator[tuple[str, int, int, int]]:
+    """The pending requests batch `batch_id` of the job holds, as (custom_id, position,
+    batch_number, attempt), read from the cursor as they come (a retry of many requests keeps
+    no row objects)."""
+    r, b = requests_table, batches_table
+    columns = (r.c.custom_id, r.c.position, r.c.batch_number, r.c.attempt)
+    query = _pending_of_job(select(*columns), job_id).where(b.c.id == batch_id)
+    return ((custom, pos, number, attempt) for custom, pos, number, attempt in conn.execute(query))
 
 
 def move_to_retry_batch(

@@ -70,7 +70,8 @@ def test_a_refused_submit_puts_one_problem_on_the_job_until_it_goes_away(
     assert cleared.data["problem"] is None and cleared.data["previous"] == seen.problem
 
 
-def test_a_key_refusal_needs_the_operator_and_the_remote_down_does_not(world: World) -> None:
+def test_a_key_refusal_needs_the_operator_and_the_remote_down_does_not(make_world) -> None:
+    world = make_world(submit_concurrency=1)  # the faults are scripted by the uploads' order
     keyed, down = world.submit(2), world.submit(2)
     ctx = world.ctx()
     world.remote.fault(
@@ -121,7 +122,8 @@ def test_a_remote_batch_gone_is_a_not_found_problem(world: World) -> None:
     assert seen.problem_kind == "not_found" and "404" in (seen.problem or "")
 
 
-def test_a_refresh_does_not_clear_a_submit_problem(world: World) -> None:
+def test_a_refresh_does_not_clear_a_submit_problem(make_world) -> None:
+    world = make_world(submit_concurrency=1)  # the first shard's success comes before the refusal
     job = world.submit(4, max_batch_requests=2)
     ctx = world.ctx()
     # The first shard goes out, the second is refused.
