@@ -64,14 +64,16 @@ def test_record_and_export(store, tmp_path: Path, monkeypatch, record_chunk: int
             files=[("output", output), ("error", error)],
             can_retry=True,
             missing_code="missing_result",
-        )
+        ).counts
     assert counts == {"succeeded": 4, "failed": 1, "pending": 4}
     with store.read() as conn:
         rows = {
             r[0]: r[1:]
             for r in conn.exec_driver_sql(
-                "SELECT custom_id, outcome, status_code, error_code, result_kind, result_offset, "
-                "result_length, result_batch_number FROM requests"
+                "SELECT r.custom_id, o.outcome, o.status_code, o.error_code, o.result_kind, "
+                "o.result_offset, o.result_length, o.result_batch_number FROM requests AS r "
+                "LEFT JOIN outcomes AS o ON o.job_number = r.job_number "
+                "AND o.position = r.position"
             )
         }
     offsets = [sum(len(x) for x in out_lines[:i]) for i in range(len(out_lines))]

@@ -46,7 +46,13 @@ from jobqueue.store import coordination, events
 from jobqueue.store.batches import Lease, held, insert_queued_batches, new_lease_token
 from jobqueue.store.batches import next_batch_number as _next_batch_number
 from jobqueue.store.batches import release as _release
-from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
+from jobqueue.store.tables import (
+    batches_table,
+    events_table,
+    jobs_table,
+    outcomes_table,
+    requests_table,
+)
 
 log = get_logger("jobqueue.store")
 
@@ -551,14 +557,15 @@ class Store:
 
     def jobs_with_requests_to_retry(self, conn: Connection) -> list[str]:
         """Jobs with pending requests whose batch has ended and been collected."""
-        r, b, j = requests_table, batches_table, jobs_table
+        r, b, j, o = requests_table, batches_table, jobs_table, outcomes_table
         return list(
             conn.execute(
                 select(j.c.id)
                 .join(r, r.c.job_number == j.c.number)
                 .join(b, and_(b.c.job_id == j.c.id, b.c.number == r.c.batch_number))
+                .outerjoin(o, and_(o.c.job_number == r.c.job_number, o.c.position == r.c.position))
                 .where(
-                    r.c.outcome.is_(None),
+                    o.c.outcome.is_(None),
                     b.c.collected_at.is_not(None),
                     j.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
                 )
