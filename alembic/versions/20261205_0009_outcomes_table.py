@@ -97,6 +97,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("job_number", "position", name=op.f("pk_outcomes")),
         sqlite_with_rowid=False,
     )
+    op.create_index(
+        "ix_outcomes_pending",
+        "outcomes",
+        ["job_number", "position"],
+        sqlite_where=sa.text("outcome IS NULL"),
+        postgresql_where=sa.text("outcome IS NULL"),
+    )
     op.execute(
         f"INSERT INTO outcomes (job_number, position, {_OUTCOME}) "
         f"SELECT job_number, position, {_OUTCOME} FROM requests WHERE {_RECORDED} "
@@ -126,4 +133,5 @@ def downgrade() -> None:
             f"{prefixed} FROM {_HOLD} AS r LEFT JOIN outcomes AS o "
             "ON o.job_number = r.job_number AND o.position = r.position",
         )
+    op.drop_index("ix_outcomes_pending", table_name="outcomes")
     op.drop_table("outcomes")

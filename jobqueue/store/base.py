@@ -556,14 +556,15 @@ class Store:
         )
 
     def jobs_with_requests_to_retry(self, conn: Connection) -> list[str]:
-        """Jobs with pending requests whose batch has ended and been collected."""
+        """Jobs with requests waiting for a retry: pending (an outcome row without an outcome)
+        in a batch that ended and was collected."""
         r, b, j, o = requests_table, batches_table, jobs_table, outcomes_table
         return list(
             conn.execute(
                 select(j.c.id)
-                .join(r, r.c.job_number == j.c.number)
+                .join(o, o.c.job_number == j.c.number)
+                .join(r, and_(r.c.job_number == o.c.job_number, r.c.position == o.c.position))
                 .join(b, and_(b.c.job_id == j.c.id, b.c.number == r.c.batch_number))
-                .outerjoin(o, and_(o.c.job_number == r.c.job_number, o.c.position == r.c.position))
                 .where(
                     o.c.outcome.is_(None),
                     b.c.collected_at.is_not(None),

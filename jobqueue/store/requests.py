@@ -12,7 +12,6 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Row,
-    Select,
     and_,
     bindparam,
     exists,
@@ -74,7 +73,8 @@ def fail_exhausted(
     """Pending requests of the job's collected batches that may not go again get their last
     recorded error as their final outcome, counted on the job: those in attempt `max_attempts`
     or later, or every one of them when `max_attempts` is None (no retry allowed at all).
-    Returns how many."""
+    Returns how many. (Every request of a collected batch has an outcome row: the pending ones
+    are its rows with `outcome` NULL, found by the partial index `ix_outcomes_pending`.)"""
     r, b, o = requests_table, batches_table, outcomes_table
     collected = select(b.c.number).where(b.c.job_id == job_id, b.c.collected_at.is_not(None))
     held = [r.c.job_number == job_number, r.c.batch_number.in_(collected)]
@@ -88,19 +88,6 @@ def fail_exhausted(
                 o.c.job_number == job_number, o.c.outcome.is_(None), exists().where(*of_row, *held)
             )
             .values(outcome="failed")
-        ).rowcount
-        or 0
-    )
-    # A collected batch gives each of its requests a row; one without fails all the same.
-    failed += (
-        conn.execute(
-            insert(o).from_select(
-                ["job_number", "position", "outcome"],
-                select(r.c.job_number, r.c.position, literal("failed")).where(
-                    *held, ~exists().where(_outcome_of())
-                ),
-            ),
-            execution_options={"preserve_rowcount": True},
         ).rowcount
         or 0
     )
@@ -132,23 +119,23 @@ def count_pending(conn: Connection, job_id: str) -> int:
     )
 
 
-def _pending_of_job(query: Select[Any], job_id: str) -> Select[Any]:
-    """`query` over the job's pending requests, each joined to the batch that holds it."""
-    r, b, o = requests_table, batches_table, outcomes_table
-    return (
-        query.select_from(r)
-        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
-        .outerjoin(o, _outcome_of())
-        .where(r.c.job_number == job_number_of(job_id), o.c.outcome.is_(None))
-    )
-
-
 def pending_by_batch(conn: Connection, job_id: str) -> list[tuple[str, int]]:
-    """(collected batch id, how many of its requests are pending) for one job, by batch id."""
-    b = batches_table
-    query = _pending_of_job(select(b.c.id, func.count()), job_id)
+    """(collected batch id, how many of its requests are pending) for one job, by batch id:
+    the rows of `outcomes` without an outcome (every request of a collected batch has a row),
+    found by the partial index, not by a scan of the job's rows."""
+    r, b, o = requests_table, batches_table, outcomes_table
     rows = conn.execute(
-        query.where(b.c.collected_at.is_not(None)).group_by(b.c.id).order_by(b.c.id)
+        select(b.c.id, func.count())
+        .select_from(o)
+        .join(r, _outcome_of())
+        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+        .where(
+            o.c.job_number == job_number_of(job_id),
+            o.c.outcome.is_(None),
+            b.c.collected_at.is_not(None),
+        )
+        .group_by(b.c.id)
+        .order_by(b.c.id)
     ).all()
     return [(batch_id, n) for batch_id, n in rows]
 
@@ -156,11 +143,17 @@ def pending_by_batch(conn: Connection, job_id: str) -> list[tuple[str, int]]:
 def pending_in_batches(conn: Connection, job_id: str, batch_ids: list[str]) -> list[Row[Any]]:
     """The pending requests the batches `batch_ids` of the job hold, in input order: position,
     custom_id, batch_id, batch_number, attempt, and the batch's input_path and model."""
-    r, b = requests_table, batches_table
+    r, b, o = requests_table, batches_table, outcomes_table
     columns = (r.c.position, r.c.custom_id, b.c.id.label("batch_id"), r.c.batch_number,
                r.c.attempt, b.c.input_path, b.c.model)  # fmt: skip
-    query = _pending_of_job(select(*columns), job_id)
-    return list(conn.execute(query.where(b.c.id.in_(batch_ids)).order_by(r.c.position)).all())
+    query = (
+        select(*columns)
+        .select_from(r)
+        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+        .outerjoin(o, _outcome_of())
+        .where(r.c.job_number == job_number_of(job_id), o.c.outcome.is_(None))
+    )
+    return list(conn.execute(query.where(b.c.id.in_(batch_ids)).order_by(r.c.position)))
 
 
 def move_to_retry_batch(

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlmodel import Field, SQLModel
 
@@ -189,7 +190,8 @@ class OutcomeRow(SQLModel, table=True):
     """The latest recorded outcome of a request (same key as `requests`): written when its batch
     is collected, append-only in the usual case (a request's first attempt), replaced when a
     retry's batch is collected. A request without a row, or whose row has `outcome` NULL (a
-    retryable failure, waiting for its retry), is pending.
+    retryable failure, waiting for its retry), is pending. Every request of a collected batch
+    has a row (a line's, or one saying why it has none).
 
     Appending is what makes collection fast: a PostgreSQL INSERT (COPY) costs a fraction of an
     UPDATE of the full request pages, and the rows land in collection order, which is input
@@ -197,7 +199,18 @@ class OutcomeRow(SQLModel, table=True):
     """
 
     __tablename__ = "outcomes"
-    __table_args__ = ({"sqlite_with_rowid": False},)
+    __table_args__ = (
+        # The few requests waiting for a retry, found without scanning the job's rows; rows
+        # with a final outcome (nearly all) are not in it and cost it nothing.
+        Index(
+            "ix_outcomes_pending",
+            "job_number",
+            "position",
+            sqlite_where=text("outcome IS NULL"),
+            postgresql_where=text("outcome IS NULL"),
+        ),
+        {"sqlite_with_rowid": False},
+    )
 
     job_number: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     position: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))

@@ -72,7 +72,9 @@ def add_job(
     """A job with one batch per spec (column overrides, and `requests`: how many request index
     rows it holds, 1 unless given), its requests at consecutive positions in batch order with
     custom ids `req-<position>`. The job is `running` once a batch is past `queued`, unless the
-    spec says otherwise. Returns (job id, batch ids)."""
+    spec says otherwise. The requests of a batch given `collected_at` have their outcome rows,
+    pending, as collection leaves them (`set_requests` gives them an outcome). Returns (job id,
+    batch ids)."""
     job_id = new_id("job")
     specs = [dict(spec) for spec in (batches or ({},))]
     counts = [int(spec.pop("requests", 1)) for spec in specs]
@@ -97,6 +99,14 @@ def add_job(
             store.insert_requests_json(
                 conn, values["number"], row["number"], orjson.dumps(ids).decode(), position
             )
+            if row.get("collected_at") is not None:
+                conn.execute(
+                    insert(outcomes_table),
+                    [
+                        {"job_number": values["number"], "position": p}
+                        for p in range(position, position + n)
+                    ],
+                )
             position += n
     return job_id, [r["id"] for r in rows]
 
