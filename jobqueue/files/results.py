@@ -85,33 +85,35 @@ class _FastLine(msgspec.Struct):
 # The same with the body's `usage` read too (its other keys still skipped): the counts of chat
 # completions and completions (`prompt_tokens`, `completion_tokens`, `*_details`), of the
 # Responses API (`input_tokens`, `output_tokens`, `*_details`) and of embeddings
-# (`prompt_tokens`). A count of another type (a float, a string) fails the fast path.
-class _FastDetails(msgspec.Struct):
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
+# (`prompt_tokens`). A count of another type (a float, a string, null) fails the fast path.
+# Absent counts are 0, and the two APIs' names are added (a body has one set or the other), so
+# reading them is a few additions.
+class _FastDetails(msgspec.Struct, gc=False):
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
-class _FastUsage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+class _FastUsage(msgspec.Struct, gc=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
     prompt_tokens_details: _FastDetails | None = None
     completion_tokens_details: _FastDetails | None = None
     input_tokens_details: _FastDetails | None = None
     output_tokens_details: _FastDetails | None = None
 
 
-class _FastBody(msgspec.Struct):
+class _FastBody(msgspec.Struct, gc=False):
     usage: _FastUsage | None = None
 
 
-class _FastUsageResponse(msgspec.Struct):
+class _FastUsageResponse(msgspec.Struct, gc=False):
     status_code: int
     body: _FastBody | None = None
 
 
-class _FastUsageLine(msgspec.Struct):
+class _FastUsageLine(msgspec.Struct, gc=False):
     custom_id: str
     response: _FastUsageResponse
     error: None = None
@@ -126,51 +128,37 @@ Tokens = tuple[int, int, int, int]
 TOKEN_KINDS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens")
 
 
-def _first(*values: int | None) -> int:
-    for value in values:
-        if value is not None:
-            return value
-    return 0
-
-
-def _tokens_of_struct(u: _FastUsage | None) -> Tokens | None:
-    if u is None:
-        return None
-    inp = u.prompt_tokens_details if u.prompt_tokens_details is not None else u.input_tokens_details
-    out = u.completion_tokens_details
-    if out is None:
-        out = u.output_tokens_details
+def _tokens_of_struct(u: _FastUsage) -> Tokens:
+    p, i = u.prompt_tokens_details, u.input_tokens_details
+    c, o = u.completion_tokens_details, u.output_tokens_details
     return (
-        _first(u.prompt_tokens, u.input_tokens),
-        _first(inp.cached_tokens if inp else None),
-        _first(u.completion_tokens, u.output_tokens),
-        _first(out.reasoning_tokens if out else None),
+        u.prompt_tokens + u.input_tokens,
+        (p.cached_tokens if p is not None else 0) + (i.cached_tokens if i is not None else 0),
+        u.completion_tokens + u.output_tokens,
+        (c.reasoning_tokens if c is not None else 0) + (o.reasoning_tokens if o is not None else 0),
     )
 
 
-def _count(d: Any, key: str) -> int | None:
+def _count(d: Any, key: str) -> int:
     value = d.get(key) if isinstance(d, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def tokens_of(body: Any) -> Tokens | None:
     """(input, cached input, output, reasoning) tokens of a parsed response body's `usage`
     (chat completions, completions, responses, embeddings); None when it has none. A count
-    that is missing or not an integer counts 0."""
+    that is missing or not an integer counts 0; the names of both APIs are added (`prompt_tokens`
+    + `input_tokens`, and so on: a body has one set or the other)."""
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
         return None
-    inp = usage.get("prompt_tokens_details")
-    if inp is None:
-        inp = usage.get("input_tokens_details")
-    out = usage.get("completion_tokens_details")
-    if out is None:
-        out = usage.get("output_tokens_details")
     return (
-        _first(_count(usage, "prompt_tokens"), _count(usage, "input_tokens")),
-        _first(_count(inp, "cached_tokens")),
-        _first(_count(usage, "completion_tokens"), _count(usage, "output_tokens")),
-        _first(_count(out, "reasoning_tokens")),
+        _count(usage, "prompt_tokens") + _count(usage, "input_tokens"),
+        _count(usage.get("prompt_tokens_details"), "cached_tokens")
+        + _count(usage.get("input_tokens_details"), "cached_tokens"),
+        _count(usage, "completion_tokens") + _count(usage, "output_tokens"),
+        _count(usage.get("completion_tokens_details"), "reasoning_tokens")
+        + _count(usage.get("output_tokens_details"), "reasoning_tokens"),
     )
 
 
@@ -221,16 +209,18 @@ def scan_line_tokens(
     except _FAST_ERRORS:
         pass
     else:
-        status = fast.response.status_code
+        response = fast.response
+        status = response.status_code
         if 200 <= status < 300:
-            fast_body = fast.response.body
-            used = _tokens_of_struct(fast_body.usage if fast_body is not None else None)
+            fast_body = response.body
+            usage = fast_body.usage if fast_body is not None else None
+            used = _tokens_of_struct(usage) if usage is not None else None
             return fast.custom_id, True, status, None, used
     line = _parse_line(raw)
     if line is None:
         return None
-    response = line.get("response")
-    body = response.get("body") if isinstance(response, dict) else None
+    parsed = line.get("response")
+    body = parsed.get("body") if isinstance(parsed, dict) else None
     return (line["custom_id"], *classify(line), tokens_of(body))
 
 
