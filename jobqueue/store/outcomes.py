@@ -9,12 +9,13 @@ cursor and plain tuples, not SQLAlchemy rows: outcome rows appended (`INSERT` th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import Connection
 
+from jobqueue.core.states import JOB_TERMINAL
 from jobqueue.store import Store
 
 _CHUNK = 10_000  # rows a PostgreSQL COPY carries
@@ -96,23 +97,22 @@ def write_outcomes(
     batch_number: int,
     rows: Iterable[tuple[int, tuple[Any, ...]]],
     *,
-    replace: bool,
+    replace: Collection[int] = (),
 ) -> int:
     """Append (position, (outcome, status_code, error_code, kind, offset, length, input_tokens,
     cached_input_tokens, output_tokens, reasoning_tokens)) to `outcomes` for requests of the
     job whose lines are in batch `batch_number`'s files; return how many were written. Each
     position must come once.
 
-    `replace`: the batch may hold requests that have an outcome row already (a retry batch):
-    those rows are deleted first, so the new attempt's outcome replaces the old one. A first
+    `replace`: positions of requests that may have an outcome row already (a retry batch's):
+    their rows are deleted first, so the new attempt's outcome replaces the old one. A first
     attempt's requests have none, and their rows are only appended.
 
     On SQLite the rows are inserted in position order (the clustered index appended to in
     order); on PostgreSQL they are copied in (COPY), a chunk at a time from a helper thread
     while the next chunk is produced.
     """
-    if replace:
-        _delete_batch_outcomes(conn, dialect, job_number, batch_number)
+    _delete_outcomes(conn, dialect, job_number, replace)
     if dialect == "postgresql":
         return _copy_postgresql(conn, job_number, batch_number, iter(rows))
     by_position = dict(rows)
@@ -127,16 +127,27 @@ def write_outcomes(
     return len(by_position)
 
 
-def _delete_batch_outcomes(
-    conn: Connection, dialect: str, job_number: int, batch_number: int
+def _delete_outcomes(
+    conn: Connection, dialect: str, job_number: int, positions: Collection[int]
 ) -> None:
-    """Delete the outcome rows of the requests batch `batch_number` holds."""
-    p = _param(dialect)
-    conn.exec_driver_sql(
-        f"""DELETE FROM outcomes WHERE job_number = {p} AND position IN (
-                SELECT position FROM requests WHERE job_number = {p} AND batch_number = {p})""",
-        (job_number, job_number, batch_number),
-    )
+    """Delete the outcome rows of the job's requests at `positions`: each by its key (on
+    PostgreSQL one `= ANY(array)`), a plan that needs no statistics of the table."""
+    if not positions:
+        return
+    if dialect == "postgresql":
+        conn.exec_driver_sql(
+            "DELETE FROM outcomes WHERE job_number = %s AND position = ANY(%s)",
+            (job_number, list(positions)),
+        )
+        return
+    cur = _driver_cursor(conn)
+    try:
+        cur.executemany(
+            "DELETE FROM outcomes WHERE job_number = ? AND position = ?",
+            [(job_number, position) for position in sorted(positions)],
+        )
+    finally:
+        cur.close()
 
 
 def _copy_postgresql(
@@ -206,19 +217,20 @@ def record_missing(
     return result.rowcount or 0
 
 
-def _every_request_has_an_outcome(conn: Connection, dialect: str, job_number: int) -> bool:
+def _job_extent(conn: Connection, dialect: str, job_number: int) -> tuple[str | None, int]:
+    """(the job's status, its last request's position; -1 without requests)."""
     p = _param(dialect)
     cur = _driver_cursor(conn)
     try:
         cur.execute(
-            f"SELECT (SELECT count(*) FROM requests WHERE job_number = {p}), "
-            f"(SELECT count(*) FROM outcomes WHERE job_number = {p})",
+            f"SELECT (SELECT status FROM jobs WHERE number = {p}), "
+            f"(SELECT max(position) FROM requests WHERE job_number = {p})",
             (job_number, job_number),
         )
-        requests, outcomes = cur.fetchone()
+        status, last = cur.fetchone()
     finally:
         cur.close()
-    return bool(requests == outcomes)
+    return status, -1 if last is None else int(last)
 
 
 # The location tuple from `outcomes` alone: the request's custom_id only where the row has no
@@ -228,13 +240,14 @@ _FROM_OUTCOMES = """SELECT o.position,
             WHERE r.job_number = o.job_number AND r.position = o.position) END,
         o.status_code, o.error_code, o.result_batch_number, o.result_kind, o.result_offset,
         o.result_length
-    FROM outcomes AS o WHERE o.job_number = {p} AND o.position > {p}"""
+    FROM outcomes AS o
+    WHERE o.job_number = {p} AND o.position >= {p} AND o.position < {p}"""
 # Every request, with or without an outcome row (the requests of a job still running).
 _FROM_REQUESTS = """SELECT r.position, r.custom_id, o.status_code, o.error_code,
         o.result_batch_number, o.result_kind, o.result_offset, o.result_length
     FROM requests AS r LEFT JOIN outcomes AS o
         ON o.job_number = r.job_number AND o.position = r.position
-    WHERE r.job_number = {p} AND r.position > {p}"""
+    WHERE r.job_number = {p} AND r.position >= {p} AND r.position < {p}"""
 
 
 def result_locations_in_order(
@@ -245,36 +258,35 @@ def result_locations_in_order(
     chunk: int = 20_000,
     final_only: bool = False,
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """The job's requests in input order, a page of `chunk` at a time, each page read in its
+    """The job's requests in input order, `chunk` positions at a time, each page read in its
     own read transaction: lists of location tuples (position, custom_id, status_code,
     error_code, result_batch_number, result_kind, result_offset, result_length), the shape
     `jobqueue.files.results.read_runs` takes. `custom_id` is None where the request's line is
     named (the line holds it). With `errors_only`, only requests that did not succeed; with
     `final_only`, only requests with a final outcome (a job still running).
 
-    Read with the driver's own cursor, only the columns needed: from `outcomes` alone once
-    every request has a row (an ended job), else from `requests` joined to it."""
+    Read with the driver's own cursor, only the columns needed: from `outcomes` alone when
+    every request has a row (an ended job: it ends only once none is pending), else from
+    `requests` joined to it. Pages are ranges of positions, not `LIMIT`s, so that each is one
+    range of the primary key whatever the planner knows of the table (PostgreSQL, before the
+    freshly written rows are analyzed, would sort the rest of the job for every page)."""
     p = _param(store.dialect)
-    whole = final_only
-    if not whole:
-        with store.read() as conn:
-            whole = _every_request_has_an_outcome(conn, store.dialect, job_number)
+    with store.read() as conn:
+        status, last_position = _job_extent(conn, store.dialect, job_number)
+    whole = final_only or status in {s.value for s in JOB_TERMINAL}
     query = (
         (_FROM_OUTCOMES if whole else _FROM_REQUESTS).format(p=p)
         + (" AND (o.outcome IS NULL OR o.outcome <> 'succeeded')" if errors_only else "")
         + (" AND o.outcome IS NOT NULL" if final_only else "")
-        + f" ORDER BY {'o' if whole else 'r'}.position LIMIT {p}"
+        + f" ORDER BY {'o' if whole else 'r'}.position"
     )
-    last = -1
-    while True:
+    for start in range(0, last_position + 1, chunk):
         with store.read() as conn:
             cur = _driver_cursor(conn)
             try:
-                cur.execute(query, (job_number, last, chunk))
+                cur.execute(query, (job_number, start, start + chunk))
                 rows = cur.fetchall()
             finally:
                 cur.close()
-        if not rows:
-            return
-        yield rows
-        last = rows[-1][0]
+        if rows:
+            yield rows

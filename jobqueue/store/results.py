@@ -91,7 +91,12 @@ def record_outcomes(
                     yield position, (*row[:6], *used)
 
     recorded = write_outcomes(
-        conn, store.dialect, job_number, batch_number, first_lines(), replace=replace
+        conn,
+        store.dialect,
+        job_number,
+        batch_number,
+        first_lines(),
+        replace=positions.values() if replace else (),
     )
     missing = 0
     if recorded < len(positions):
