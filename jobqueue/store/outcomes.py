@@ -247,7 +247,10 @@ _FROM_REQUESTS = """SELECT r.position, r.custom_id, o.status_code, o.error_code,
         o.result_batch_number, o.result_kind, o.result_offset, o.result_length
     FROM requests AS r LEFT JOIN outcomes AS o
         ON o.job_number = r.job_number AND o.position = r.position
+        AND o.position >= {p} AND o.position < {p}
     WHERE r.job_number = {p} AND r.position >= {p} AND r.position < {p}"""
+# (The range on `o` too: PostgreSQL does not carry a range across the join's equality, and
+# would read every outcome of the job for each page.)
 
 
 def result_locations_in_order(
@@ -284,7 +287,11 @@ def result_locations_in_order(
         with store.read() as conn:
             cur = _driver_cursor(conn)
             try:
-                cur.execute(query, (job_number, start, start + chunk))
+                end = start + chunk
+                cur.execute(
+                    query,
+                    (job_number, start, end) if whole else (start, end, job_number, start, end),
+                )
                 rows = cur.fetchall()
             finally:
                 cur.close()
