@@ -11,7 +11,9 @@ vectors: ~1.1 KB output lines at D=40, so 1,000,000 requests give over 1 GB of o
    submitted with `JobQueue.submit` and only the submit and reconcile duties run until every
    batch has ended;
 2. collection: a fresh process runs only the collect duty (`collect_once` until it moves
-   nothing): downloads every output file and records every request's outcome;
+   nothing): downloads every output file and records every request's outcome. Twice: first
+   with usage not read (the scan skips every response body), then, the collection undone, with
+   usage recorded (the default: tokens per request and per batch);
 3. export: a fresh process runs `JobQueue.export_results` (what `jobqueue results JOB --output
    FILE` does) into a file;
 4. baseline: a fresh process reads every output file the way the SDK docs show,
@@ -141,8 +143,45 @@ def output_files(options: dict[str, Any], job_id: str) -> list[tuple[str, int]]:
 # -- measured callables (each runs in a fresh interpreter) ------------------------------------
 
 
-def run_collect(options: dict[str, Any]) -> dict[str, Any]:
-    """Only the collect duty, until it moves nothing; download seconds measured apart."""
+def reset_collection(options: dict[str, Any], job_id: str) -> None:
+    """Undo a collection (not measured): the job's outcome rows, its batches' collected state
+    and token sums, its counts and status, and the downloaded files, so it is collected again
+    from the start."""
+    from sqlalchemy import delete, select, update
+
+    from jobqueue.api import JobQueue
+    from jobqueue.store.tables import batches_table, jobs_table, outcomes_table
+
+    b, j, o = batches_table, jobs_table, outcomes_table
+    with JobQueue(**options) as jq, jq.store.write() as conn:
+        number = conn.execute(select(j.c.number).where(j.c.id == job_id)).scalar_one()
+        paths = conn.execute(
+            select(b.c.output_path, b.c.error_path).where(b.c.job_id == job_id)
+        ).all()
+        conn.execute(delete(o).where(o.c.job_number == number))
+        conn.execute(
+            update(b)
+            .where(b.c.job_id == job_id)
+            .values(
+                collected_at=None, output_path=None, error_path=None, lease_owner=None,
+                lease_until=None, lease_token=None, input_tokens=None,
+                cached_input_tokens=None, output_tokens=None, reasoning_tokens=None,
+            )
+        )  # fmt: skip
+        conn.execute(
+            update(j)
+            .where(j.c.id == job_id)
+            .values(status="running", requests_succeeded=0, requests_failed=0, finished_at=None)
+        )
+    for row in paths:
+        for path in row:
+            if path:
+                Path(path).unlink(missing_ok=True)
+
+
+def run_collect(options: dict[str, Any], tokens: bool = True) -> dict[str, Any]:
+    """Only the collect duty, until it moves nothing; download seconds measured apart.
+    `tokens`: usage read and recorded (the default), or not (the scan skips every body)."""
     from jobqueue.api import JobQueue
     from jobqueue.duties.collect import collect_once
     from jobqueue.service.daemon import Daemon
@@ -167,10 +206,10 @@ def run_collect(options: dict[str, Any]) -> dict[str, Any]:
         record = collect_module.record_outcomes
         spent["record"] = 0.0
 
-        def timed_record(*args: Any, **kwargs: Any) -> dict[str, int]:
+        def timed_record(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return record(*args, **kwargs)
+                return record(*args, **kwargs, tokens=tokens)
             finally:
                 spent["record"] += time.perf_counter() - start
 
@@ -245,7 +284,15 @@ def bench_size(
             f"{time.perf_counter() - start:.1f}s: {len(files)} output files, "
             f"{output_bytes / MB:,.0f} MB"
         )
-        rows["collect"] = measure_callable("benchmarks.collect:run_collect", {"options": options})
+        # Collected twice: without usage (the scan skips every body), then with it (the
+        # default), the collection undone in between.
+        rows["collect_bare"] = measure_callable(
+            "benchmarks.collect:run_collect", {"options": options, "tokens": False}
+        )
+        reset_collection(options, job_id)
+        rows["collect"] = measure_callable(
+            "benchmarks.collect:run_collect", {"options": options, "tokens": True}
+        )
         rows["export"] = measure_callable(
             "benchmarks.collect:run_export",
             {"options": options, "job_id": job_id, "output": str(work / "results.jsonl")},
@@ -259,6 +306,7 @@ def bench_size(
 
 def print_table(results: list[dict[str, Any]]) -> None:
     names = {
+        "collect_bare": "collect, usage not read",
         "collect": "collect (download + record)",
         "export": "export_results (ordered)",
         "sdk": "SDK .text.split (baseline)",
@@ -275,11 +323,20 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f"{mb / m.seconds:>7.0f} {m.peak_rss / MB:>12.0f}"
             )
     for r in results:
-        c = r["rows"]["collect"]
-        dl = c.result.get("download_seconds", 0.0)
+        for key in ("collect_bare", "collect"):
+            c = r["rows"][key]
+            dl = c.result.get("download_seconds", 0.0)
+            print(
+                f"[{r['requests']:,}] {names[key]}: download {dl:.2f}s (overlapped), recording "
+                f"{c.result.get('record_seconds', 0):.2f}s, in all {c.seconds:.2f}s"
+            )
+        bare, full = r["rows"]["collect_bare"], r["rows"]["collect"]
+        recording = full.result.get("record_seconds", 0) / max(
+            bare.result.get("record_seconds", 0), 1e-9
+        )
         print(
-            f"[{r['requests']:,}] collect: download {dl:.2f}s (overlapped), recording "
-            f"{c.result.get('record_seconds', 0):.2f}s, in all {c.seconds:.2f}s; "
+            f"[{r['requests']:,}] usage recording: collect {full.seconds / bare.seconds:.2f}x "
+            f"the time without it, recording {recording:.2f}x; "
             f"export wrote {r['rows']['export'].result.get('lines', 0):,} lines"
         )
 

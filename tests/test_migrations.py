@@ -148,7 +148,7 @@ def test_0003_carries_the_request_index_over_and_back(db_url: str) -> None:
             )  # fmt: skip
         for row in requests:
             conn.exec_driver_sql(f"INSERT INTO requests VALUES ({', '.join([p] * 12)})", row)
-    upgrade(store)
+    upgrade(store, "0003")
     with store.read() as conn:
         jobs = dict(conn.exec_driver_sql("SELECT id, number FROM jobs").all())
         batches = dict(conn.exec_driver_sql("SELECT id, number FROM batches").all())
@@ -215,6 +215,78 @@ def test_0004_carries_token_limit_refusals_over_from_last_error(db_url: str) -> 
     assert "token_limit_refusals" not in columns and "last_error" in columns
     with store.read() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM batches").scalar_one() == 4
+    upgrade(store)
+    assert current_revision(store) == head_revision()
+    store.close()
+
+
+def test_0009_carries_outcomes_over_and_back(db_url: str) -> None:
+    """Outcomes recorded on the request rows (0008) become `outcomes` rows (0009), for every
+    request that had any recorded, with the request rows left as they were; the batches' token
+    sums stay; downgrade puts the outcomes back on the request rows unchanged."""
+    store = Store(db_url, migrate=False)
+    upgrade(store, "0008")
+    p = "%s" if store.dialect == "postgresql" else "?"
+    now = 1_700_000_000.0
+    job_columns = (
+        "id, number, status, endpoint, completion_window, user_metadata, max_attempts, source, "
+        "input_dir, max_batch_requests, max_batch_bytes, request_count, bytes, "
+        "requests_succeeded, requests_failed, cancel_requested, created_at, updated_at"
+    )
+    batch_columns = (
+        "id, job_id, number, status, shard_index, attempt, model, input_path, request_count, "
+        "bytes, estimated_tokens, remote_total, remote_completed, remote_failed, "
+        "submit_attempts, token_limit_refusals, cancel_requested, input_tokens, "
+        "cached_input_tokens, output_tokens, reasoning_tokens, created_at, updated_at"
+    )
+    requests = [
+        (1, 0, "a-0", 1, 1, "succeeded", 200, None, 1, "output", 0, 10),
+        (1, 1, "a-1", 2, 2, None, 500, "c500", 1, "output", 10, 12),  # waiting for its retry
+        (1, 2, "a-2", 1, 1, "failed", None, "batch_expired", None, None, None, None),
+        (1, 3, "a-3", 2, 1, None, None, None, None, None, None, None),  # pending, nothing yet
+        (2, 0, "b-0", 1, 1, None, None, None, None, None, None, None),
+    ]
+    tokens = {1: (120, 20, 30, 4), 2: (None, None, None, None)}
+    with store.write() as conn:
+        for number in (1, 2):
+            conn.exec_driver_sql(
+                f"INSERT INTO jobs ({job_columns}) VALUES ({', '.join([p] * 18)})",
+                (f"job_{number}", number, "running", "/v1/chat/completions", "24h", "{}", 3, "",
+                 "", 50_000, 1 << 20, 4, 40, 1, 1, False, now, now),
+            )  # fmt: skip
+        for number in (1, 2):
+            conn.exec_driver_sql(
+                f"INSERT INTO batches ({batch_columns}) VALUES ({', '.join([p] * 23)})",
+                (f"batch_{number}", "job_1", number, "completed", 0, number, "gpt-4o-mini", "",
+                 2, 10, 0, 0, 0, 0, 0, 0, False, *tokens[number], now, now),
+            )  # fmt: skip
+        for row in requests:
+            conn.exec_driver_sql(f"INSERT INTO requests VALUES ({', '.join([p] * 12)})", row)
+    batch_tokens = (
+        "SELECT number, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens "
+        "FROM batches ORDER BY number"
+    )
+    upgrade(store, "0009")
+    with store.read() as conn:
+        kept = sorted(tuple(r) for r in conn.exec_driver_sql("SELECT * FROM requests").all())
+        outcomes = sorted(
+            tuple(r)
+            for r in conn.exec_driver_sql(
+                "SELECT job_number, position, outcome, status_code, error_code, "
+                "result_batch_number, result_kind, result_offset, result_length, input_tokens "
+                "FROM outcomes"
+            ).all()
+        )
+        sums = [tuple(r) for r in conn.exec_driver_sql(batch_tokens).all()]
+    assert kept == [r[:5] for r in requests]
+    assert outcomes == [(*r[:2], *r[5:], None) for r in requests[:3]]
+    assert sums == [(n, *tokens[n]) for n in (1, 2)]
+    downgrade(store, "0008")
+    assert "outcomes" not in inspect(store.engine).get_table_names()
+    with store.read() as conn:
+        back = sorted(tuple(r) for r in conn.exec_driver_sql("SELECT * FROM requests").all())
+        assert [tuple(r) for r in conn.exec_driver_sql(batch_tokens).all()] == sums
+    assert back == requests
     upgrade(store)
     assert current_revision(store) == head_revision()
     store.close()

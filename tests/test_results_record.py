@@ -64,14 +64,16 @@ def test_record_and_export(store, tmp_path: Path, monkeypatch, record_chunk: int
             files=[("output", output), ("error", error)],
             can_retry=True,
             missing_code="missing_result",
-        )
+        ).counts
     assert counts == {"succeeded": 4, "failed": 1, "pending": 4}
     with store.read() as conn:
         rows = {
             r[0]: r[1:]
             for r in conn.exec_driver_sql(
-                "SELECT custom_id, outcome, status_code, error_code, result_kind, result_offset, "
-                "result_length, result_batch_number FROM requests"
+                "SELECT r.custom_id, o.outcome, o.status_code, o.error_code, o.result_kind, "
+                "o.result_offset, o.result_length, o.result_batch_number FROM requests AS r "
+                "LEFT JOIN outcomes AS o ON o.job_number = r.job_number "
+                "AND o.position = r.position"
             )
         }
     offsets = [sum(len(x) for x in out_lines[:i]) for i in range(len(out_lines))]
@@ -99,3 +101,67 @@ def test_record_and_export(store, tmp_path: Path, monkeypatch, record_chunk: int
             write_result_lines(store, job_number, paths, errors, errors_only=True, chunk=chunk) == 5
         )
         assert errors.getvalue().count(b"\n") == 5
+
+
+def _used(cid: str, usage: dict[str, object]) -> bytes:
+    return orjson.dumps(
+        {"id": "x", "custom_id": cid, "response": {"status_code": 200, "body": {"usage": usage}},
+         "error": None}
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("tokens", [True, False])
+def test_record_tokens_per_request_and_summed(store, tmp_path: Path, tokens: bool) -> None:  # type: ignore[no-untyped-def]
+    """Each line's usage goes on its request's row and into the sums; a line without usage (an
+    error, a body without it) counts nothing; `tokens=False` reads none."""
+    job_id, _ = insert_job_with_batch(store, "completed", requests=5)
+    with store.read() as conn:
+        job_number = store.get_job(conn, job_id).number
+    output = tmp_path / "out.jsonl"
+    error = tmp_path / "err.jsonl"
+    chat = {
+        "prompt_tokens": 1300, "completion_tokens": 40, "total_tokens": 1340,
+        "prompt_tokens_details": {"cached_tokens": 1280},
+        "completion_tokens_details": {"reasoning_tokens": 24},
+    }  # fmt: skip
+    responses = {
+        "input_tokens": 900, "output_tokens": 50, "total_tokens": 950,
+        "input_tokens_details": {"cached_tokens": 768},
+        "output_tokens_details": {"reasoning_tokens": 10},
+    }  # fmt: skip
+    lines = [_used("req-0", chat), _used("req-1", responses), _used("req-2", {"prompt_tokens": 7})]
+    output.write_bytes(b"".join(line + b"\n" for line in [*lines, _ok("req-3")]))
+    error.write_bytes(_error("req-4", "server_error") + b"\n")
+    with store.write() as conn:
+        recorded = record_outcomes(
+            store,
+            conn,
+            job_number=job_number,
+            batch_number=1,
+            files=[("output", output), ("error", error)],
+            can_retry=False,
+            missing_code="missing_result",
+            tokens=tokens,
+        )
+    with store.read() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT position, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens "
+            "FROM outcomes ORDER BY position"
+        ).all()
+    if not tokens:
+        assert [tuple(r[1:]) for r in rows] == [(None,) * 4] * 5
+        assert recorded.tokens == dict.fromkeys(recorded.tokens, 0)
+        return
+    assert [tuple(r) for r in rows] == [
+        (0, 1300, 1280, 40, 24),
+        (1, 900, 768, 50, 10),
+        (2, 7, 0, 0, 0),
+        (3, None, None, None, None),
+        (4, None, None, None, None),
+    ]
+    assert recorded.tokens == {
+        "input_tokens": 2207, "cached_input_tokens": 2048, "output_tokens": 90,
+        "reasoning_tokens": 34,
+    }  # fmt: skip
+    assert recorded.counts == {"succeeded": 4, "failed": 1, "pending": 0}
+    assert recorded.missing == 0

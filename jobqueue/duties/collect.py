@@ -1,5 +1,6 @@
 """Collect: for batches that ended, stream their output and error files to the data dir and
-record every request's outcome; then the job may end.
+record every request's outcome and tokens (summed on the batch, compared with the remote's own
+usage); then the job may end.
 
 Downloads go to a `.part` file, are size-checked and renamed only when whole (the provider does
 that), so a half file is never taken for a whole one; a cut-short download is retried.
@@ -14,6 +15,7 @@ from typing import Any
 
 from jobqueue.core import memory
 from jobqueue.core.lifecycle import batch_may_retry, missing_result_code
+from jobqueue.core.states import BatchStatus
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import error_code
 from jobqueue.duties.owners import live_owners
@@ -23,6 +25,7 @@ from jobqueue.store import Row, batches, jobs
 from jobqueue.store.batches import Lease
 from jobqueue.store.lifecycle import settle_job
 from jobqueue.store.results import record_outcomes
+from jobqueue.store.usage import record_batch_tokens, usage_mismatch
 
 log = get_logger("jobqueue.collect")
 _CLAIM_LIMIT = 8
@@ -139,7 +142,7 @@ def _record(ctx: DutyContext, row: Row, lease: Lease, fetched: _Fetched) -> int:
             deadline_at=job.deadline_at,
             now=now,
         )
-        counts = record_outcomes(
+        recorded = record_outcomes(
             ctx.store,
             conn,
             job_number=job.number,
@@ -147,10 +150,25 @@ def _record(ctx: DutyContext, row: Row, lease: Lease, fetched: _Fetched) -> int:
             files=files,
             can_retry=can_retry,
             missing_code=missing_code,
+            # Only a retry batch holds requests that have an outcome already.
+            replace=row.attempt > 1,
         )
+        counts = recorded.counts
+        record_batch_tokens(conn, row.id, recorded.tokens)
         ctx.store.add_job_counts(conn, row.job_id, counts["succeeded"], counts["failed"])
         settle_job(ctx.store, conn, row.job_id, now=now)
-    bound.info("collected", status=row.status, **counts)
+    bound.info("collected", status=row.status, **counts, **recorded.tokens)
+    if row.status == BatchStatus.COMPLETED and not recorded.missing:
+        # The remote's own sums cover the requests that ran: comparable when all of them did.
+        mismatch = usage_mismatch(recorded.tokens, row.usage)
+        if mismatch:
+            bound.warning(
+                "usage differs from the remote batch's",
+                **{
+                    k: {"responses": mine, "remote": theirs}
+                    for k, (mine, theirs) in mismatch.items()
+                },
+            )
     return 1
 
 

@@ -82,8 +82,95 @@ class _FastLine(msgspec.Struct):
     error: None = None
 
 
+# The same with the body's `usage` read too (its other keys still skipped): the counts of chat
+# completions and completions (`prompt_tokens`, `completion_tokens`, `*_details`), of the
+# Responses API (`input_tokens`, `output_tokens`, `*_details`) and of embeddings
+# (`prompt_tokens`). A count of another type (a float, a string, null) fails the fast path.
+# Absent counts are 0, and the two APIs' names are added (a body has one set or the other), so
+# reading them is a few additions.
+class _FastDetails(msgspec.Struct, gc=False):
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+class _FastUsage(msgspec.Struct, gc=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    prompt_tokens_details: _FastDetails | None = None
+    completion_tokens_details: _FastDetails | None = None
+    input_tokens_details: _FastDetails | None = None
+    output_tokens_details: _FastDetails | None = None
+
+
+class _FastBody(msgspec.Struct, gc=False):
+    usage: _FastUsage | None = None
+
+
+class _FastUsageResponse(msgspec.Struct, gc=False):
+    status_code: int
+    body: _FastBody | None = None
+
+
+class _FastUsageLine(msgspec.Struct, gc=False):
+    custom_id: str
+    response: _FastUsageResponse
+    error: None = None
+
+
 _decode_fast = msgspec.json.Decoder(_FastLine).decode
+_decode_fast_usage = msgspec.json.Decoder(_FastUsageLine).decode
 _FAST_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
+
+# (input, cached input, output, reasoning) tokens of one response; None when it had no `usage`.
+Tokens = tuple[int, int, int, int]
+TOKEN_KINDS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens")
+
+
+def _tokens_of_struct(u: _FastUsage) -> Tokens:
+    p, i = u.prompt_tokens_details, u.input_tokens_details
+    c, o = u.completion_tokens_details, u.output_tokens_details
+    return (
+        u.prompt_tokens + u.input_tokens,
+        (p.cached_tokens if p is not None else 0) + (i.cached_tokens if i is not None else 0),
+        u.completion_tokens + u.output_tokens,
+        (c.reasoning_tokens if c is not None else 0) + (o.reasoning_tokens if o is not None else 0),
+    )
+
+
+def _count(d: Any, key: str) -> int:
+    value = d.get(key) if isinstance(d, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def tokens_of(body: Any) -> Tokens | None:
+    """(input, cached input, output, reasoning) tokens of a parsed response body's `usage`
+    (chat completions, completions, responses, embeddings); None when it has none. A count
+    that is missing or not an integer counts 0; the names of both APIs are added (`prompt_tokens`
+    + `input_tokens`, and so on: a body has one set or the other)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    return (
+        _count(usage, "prompt_tokens") + _count(usage, "input_tokens"),
+        _count(usage.get("prompt_tokens_details"), "cached_tokens")
+        + _count(usage.get("input_tokens_details"), "cached_tokens"),
+        _count(usage, "completion_tokens") + _count(usage, "output_tokens"),
+        _count(usage.get("completion_tokens_details"), "reasoning_tokens")
+        + _count(usage.get("output_tokens_details"), "reasoning_tokens"),
+    )
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | None:
+    """The line as a dict, if it is a JSON object with a string `custom_id`."""
+    try:
+        line = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
+        return line
+    return None
 
 
 def scan_line(raw: bytes) -> tuple[str, bool, int | None, str | None] | None:
@@ -106,15 +193,35 @@ def scan_line(raw: bytes) -> tuple[str, bool, int | None, str | None] | None:
         status = fast.response.status_code
         if 200 <= status < 300:
             return fast.custom_id, True, status, None
+    line = _parse_line(raw)
+    return None if line is None else (line["custom_id"], *classify(line))
+
+
+def scan_line_tokens(
+    raw: bytes,
+) -> tuple[str, bool, int | None, str | None, Tokens | None] | None:
+    """`scan_line` plus the tokens of the response body's `usage` (`tokens_of`), read in the
+    same decode: the fast path reads `usage` and still skips the rest of the body."""
     try:
-        line = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        if not raw.isascii():
+            raw.decode()
+        fast = _decode_fast_usage(raw)
+    except _FAST_ERRORS:
+        pass
+    else:
+        response = fast.response
+        status = response.status_code
+        if 200 <= status < 300:
+            fast_body = response.body
+            usage = fast_body.usage if fast_body is not None else None
+            used = _tokens_of_struct(usage) if usage is not None else None
+            return fast.custom_id, True, status, None, used
+    line = _parse_line(raw)
+    if line is None:
         return None
-    if isinstance(line, dict):
-        custom_id = line.get("custom_id")
-        if isinstance(custom_id, str):
-            return (custom_id, *classify(line))
-    return None
+    parsed = line.get("response")
+    body = parsed.get("body") if isinstance(parsed, dict) else None
+    return (line["custom_id"], *classify(line), tokens_of(body))
 
 
 def _scan(path: Path) -> Iterator[tuple[str, bool, int | None, str | None, int, int]]:
@@ -131,6 +238,22 @@ def _scan(path: Path) -> Iterator[tuple[str, bool, int | None, str | None, int, 
             offset += length
 
 
+def _scan_tokens(
+    path: Path,
+) -> Iterator[tuple[str, bool, int | None, str | None, Tokens | None, int, int]]:
+    """(custom_id, succeeded, status_code, error_code, tokens, offset, length) of every line."""
+    offset = 0
+    with path.open("rb", buffering=1 << 20) as f:
+        for raw in f:
+            length = len(raw)
+            stripped = raw.strip()
+            if stripped:
+                found = scan_line_tokens(stripped)
+                if found is not None:
+                    yield (*found, offset, length)
+            offset += length
+
+
 def scan_result_file(path: Path, kind: str) -> Iterator[LineOutcome]:
     """Every line's outcome and place in the file, streaming."""
     for custom_id, succeeded, status_code, error_code, offset, length in _scan(path):
@@ -138,19 +261,25 @@ def scan_result_file(path: Path, kind: str) -> Iterator[LineOutcome]:
 
 
 def outcome_rows(
-    files: list[tuple[str, Path]], can_retry: bool
-) -> Iterator[tuple[str | None, int | None, str | None, str, int, int, str]]:
-    """(outcome, status_code, error_code, kind, offset, length, custom_id) of every line of the
-    files, in their order: a retryable failure is pending (outcome None) if `can_retry`."""
+    files: list[tuple[str, Path]], can_retry: bool, *, tokens: bool = True
+) -> Iterator[tuple[str | None, int | None, str | None, str, int, int, str, Tokens | None]]:
+    """(outcome, status_code, error_code, kind, offset, length, custom_id, tokens) of every line
+    of the files, in their order: a retryable failure is pending (outcome None) if `can_retry`.
+    `tokens` (the response's usage, see `tokens_of`) is None for a line without usage, and for
+    every line when `tokens` is False (the scan then skips the whole body)."""
     for kind, path in files:
-        for custom_id, succeeded, status_code, error_code, offset, length in _scan(path):
+        if tokens:
+            lines: Iterable[tuple[Any, ...]] = _scan_tokens(path)
+        else:
+            lines = ((*found[:4], None, *found[4:]) for found in _scan(path))
+        for custom_id, succeeded, status_code, error_code, used, offset, length in lines:
             if succeeded:
                 outcome: str | None = "succeeded"
             elif can_retry and is_retryable(status_code, error_code):
                 outcome = None
             else:
                 outcome = "failed"
-            yield outcome, status_code, error_code, kind, offset, length, custom_id
+            yield outcome, status_code, error_code, kind, offset, length, custom_id, used
 
 
 # -- reading lines back -----------------------------------------------------------------------

@@ -60,7 +60,13 @@ from jobqueue.store.batches import (
 )
 from jobqueue.store.batches import next_batch_number as _next_batch_number
 from jobqueue.store.batches import release as _release
-from jobqueue.store.tables import batches_table, events_table, jobs_table, requests_table
+from jobqueue.store.tables import (
+    batches_table,
+    events_table,
+    jobs_table,
+    outcomes_table,
+    requests_table,
+)
 
 log = get_logger("jobqueue.store")
 
@@ -629,15 +635,17 @@ class Store:
         )
 
     def jobs_with_requests_to_retry(self, conn: Connection) -> list[str]:
-        """Jobs with pending requests whose batch has ended and been collected."""
-        r, b, j = requests_table, batches_table, jobs_table
+        """Jobs with requests waiting for a retry: pending (an outcome row without an outcome)
+        in a batch that ended and was collected."""
+        r, b, j, o = requests_table, batches_table, jobs_table, outcomes_table
         return list(
             conn.execute(
                 select(j.c.id)
-                .join(r, r.c.job_number == j.c.number)
+                .join(o, o.c.job_number == j.c.number)
+                .join(r, and_(r.c.job_number == o.c.job_number, r.c.position == o.c.position))
                 .join(b, and_(b.c.job_id == j.c.id, b.c.number == r.c.batch_number))
                 .where(
-                    r.c.outcome.is_(None),
+                    o.c.outcome.is_(None),
                     b.c.collected_at.is_not(None),
                     j.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
                 )

@@ -1,25 +1,68 @@
-"""The request index: where each request of a job is now, and its outcome once it has one."""
+"""The request index: where each request of a job is now, and its outcome once it has one.
+
+Outcomes are rows of `outcomes` (same key as `requests`): a request is pending while it has no
+row, or a row whose `outcome` is NULL (a retryable failure waiting for its retry).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, and_, bindparam, func, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
 
 from jobqueue.store.keys import job_number_of, requests_of_batch
-from jobqueue.store.tables import batches_table, jobs_table, requests_table
+from jobqueue.store.tables import batches_table, jobs_table, outcomes_table, requests_table
+
+
+def _outcome_of() -> ColumnElement[bool]:
+    """ON / WHERE clause: a request row and its outcome row."""
+    r, o = requests_table, outcomes_table
+    return and_(o.c.job_number == r.c.job_number, o.c.position == r.c.position)
 
 
 def fail_pending_requests(conn: Connection, job_id: str, batch_id: str, error_code: str) -> int:
     """Give every still-pending request of a batch a final `error_code` failure, counted on the
-    job; return how many there were."""
-    result = conn.execute(
-        update(requests_table)
-        .where(*requests_of_batch(job_id, batch_id), requests_table.c.outcome.is_(None))
-        .values(outcome="failed", error_code=error_code)
+    job; return how many there were. A request with an outcome row keeps its line (the
+    previous attempt's); one without gets a row without a line."""
+    r, o = requests_table, outcomes_table
+    of_batch = select(r.c.position).where(*requests_of_batch(job_id, batch_id))
+    failed = (
+        conn.execute(
+            update(o)
+            .where(
+                o.c.job_number == job_number_of(job_id),
+                o.c.position.in_(of_batch),
+                o.c.outcome.is_(None),
+            )
+            .values(outcome="failed", error_code=error_code)
+        ).rowcount
+        or 0
     )
-    failed = result.rowcount or 0
+    failed += (
+        conn.execute(
+            insert(o).from_select(
+                ["job_number", "position", "outcome", "error_code"],
+                select(r.c.job_number, r.c.position, literal("failed"), literal(error_code)).where(
+                    *requests_of_batch(job_id, batch_id), ~exists().where(_outcome_of())
+                ),
+            ),
+            execution_options={"preserve_rowcount": True},  # an INSERT's count is not kept else
+        ).rowcount
+        or 0
+    )
     _add_failed(conn, job_id, failed)
     return failed
 
@@ -30,17 +73,24 @@ def fail_exhausted(
     """Pending requests of the job's collected batches that may not go again get their last
     recorded error as their final outcome, counted on the job: those in attempt `max_attempts`
     or later, or every one of them when `max_attempts` is None (no retry allowed at all).
-    Returns how many."""
-    r, b = requests_table, batches_table
+    Returns how many. (Every request of a collected batch has an outcome row: the pending ones
+    are its rows with `outcome` NULL, found by the partial index `ix_outcomes_pending`.)"""
+    r, b, o = requests_table, batches_table, outcomes_table
     collected = select(b.c.number).where(b.c.job_id == job_id, b.c.collected_at.is_not(None))
-    condition = [
-        r.c.job_number == job_number,
-        r.c.outcome.is_(None),
-        r.c.batch_number.in_(collected),
-    ]
+    held = [r.c.job_number == job_number, r.c.batch_number.in_(collected)]
     if max_attempts is not None:
-        condition.append(r.c.attempt >= max_attempts)
-    failed = conn.execute(update(r).where(*condition).values(outcome="failed")).rowcount or 0
+        held.append(r.c.attempt >= max_attempts)
+    of_row = [r.c.job_number == o.c.job_number, r.c.position == o.c.position]
+    failed = (
+        conn.execute(
+            update(o)
+            .where(
+                o.c.job_number == job_number, o.c.outcome.is_(None), exists().where(*of_row, *held)
+            )
+            .values(outcome="failed")
+        ).rowcount
+        or 0
+    )
     _add_failed(conn, job_id, failed)
     return failed
 
@@ -54,33 +104,38 @@ def _add_failed(conn: Connection, job_id: str, failed: int) -> None:
 
 
 def count_pending(conn: Connection, job_id: str) -> int:
-    """Requests of the job without a final outcome."""
-    r = requests_table
-    return int(
-        conn.execute(
-            select(func.count())
-            .select_from(r)
-            .where(r.c.job_number == job_number_of(job_id), r.c.outcome.is_(None))
-        ).scalar_one()
+    """Requests of the job without a final outcome: its requests less its final outcome rows
+    (two counts on the job's key, no join)."""
+    r, o = requests_table, outcomes_table
+    number = job_number_of(job_id)
+    requests = select(func.count()).select_from(r).where(r.c.job_number == number)
+    final = (
+        select(func.count())
+        .select_from(o)
+        .where(o.c.job_number == number, o.c.outcome.is_not(None))
     )
-
-
-def _pending_of_job(query: Select[Any], job_id: str) -> Select[Any]:
-    """`query` over the job's pending requests, each joined to the batch that holds it."""
-    r, b = requests_table, batches_table
-    return (
-        query.select_from(r)
-        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
-        .where(r.c.job_number == job_number_of(job_id), r.c.outcome.is_(None))
+    return int(
+        conn.execute(select(requests.scalar_subquery() - final.scalar_subquery())).scalar_one()
     )
 
 
 def pending_by_batch(conn: Connection, job_id: str) -> list[tuple[str, int]]:
-    """(collected batch id, how many of its requests are pending) for one job, by batch id."""
-    b = batches_table
-    query = _pending_of_job(select(b.c.id, func.count()), job_id)
+    """(collected batch id, how many of its requests are pending) for one job, by batch id:
+    the rows of `outcomes` without an outcome (every request of a collected batch has a row),
+    found by the partial index, not by a scan of the job's rows."""
+    r, b, o = requests_table, batches_table, outcomes_table
     rows = conn.execute(
-        query.where(b.c.collected_at.is_not(None)).group_by(b.c.id).order_by(b.c.id)
+        select(b.c.id, func.count())
+        .select_from(o)
+        .join(r, _outcome_of())
+        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+        .where(
+            o.c.job_number == job_number_of(job_id),
+            o.c.outcome.is_(None),
+            b.c.collected_at.is_not(None),
+        )
+        .group_by(b.c.id)
+        .order_by(b.c.id)
     ).all()
     return [(batch_id, n) for batch_id, n in rows]
 
@@ -88,11 +143,17 @@ def pending_by_batch(conn: Connection, job_id: str) -> list[tuple[str, int]]:
 def pending_in_batches(conn: Connection, job_id: str, batch_ids: list[str]) -> list[Row[Any]]:
     """The pending requests the batches `batch_ids` of the job hold, in input order: position,
     custom_id, batch_id, batch_number, attempt, and the batch's input_path and model."""
-    r, b = requests_table, batches_table
+    r, b, o = requests_table, batches_table, outcomes_table
     columns = (r.c.position, r.c.custom_id, b.c.id.label("batch_id"), r.c.batch_number,
                r.c.attempt, b.c.input_path, b.c.model)  # fmt: skip
-    query = _pending_of_job(select(*columns), job_id)
-    return list(conn.execute(query.where(b.c.id.in_(batch_ids)).order_by(r.c.position)).all())
+    query = (
+        select(*columns)
+        .select_from(r)
+        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+        .outerjoin(o, _outcome_of())
+        .where(r.c.job_number == job_number_of(job_id), o.c.outcome.is_(None))
+    )
+    return list(conn.execute(query.where(b.c.id.in_(batch_ids)).order_by(r.c.position)))
 
 
 def pending_of_batch(
@@ -124,7 +185,7 @@ def move_to_retry_batch(
                 r.c.job_number == job_number,
                 r.c.position == bindparam("pos"),
                 r.c.batch_number == bindparam("old_batch"),
-                r.c.outcome.is_(None),
+                ~exists().where(_outcome_of(), outcomes_table.c.outcome.is_not(None)),
             )
             .values(batch_number=batch_number, attempt=r.c.attempt + 1),
             params,

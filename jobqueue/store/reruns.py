@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 
 from jobqueue.store import Store
-from jobqueue.store.tables import batches_table, requests_table
+from jobqueue.store.tables import batches_table, outcomes_table, requests_table
 
 
 def failed_requests(
@@ -23,14 +23,15 @@ def failed_requests(
     at a time (each page its own read transaction): position, custom_id, error_code,
     status_code, and `input_path`, the shard that holds the request's line (its latest
     attempt's). With `codes`, only those whose error code or HTTP status is one of them."""
-    r, b = requests_table, batches_table
+    r, b, o = requests_table, batches_table, outcomes_table
     names = [c for c in codes if not c.isdigit()]
     statuses = [int(c) for c in codes if c.isdigit()]
-    condition = [r.c.job_number == job_number, r.c.outcome == "failed"]
+    condition = [r.c.job_number == job_number, o.c.outcome == "failed"]
     if codes:
-        condition.append(or_(r.c.error_code.in_(names), r.c.status_code.in_(statuses)))
+        condition.append(or_(o.c.error_code.in_(names), o.c.status_code.in_(statuses)))
     query = (
-        select(r.c.position, r.c.custom_id, r.c.error_code, r.c.status_code, b.c.input_path)
+        select(r.c.position, r.c.custom_id, o.c.error_code, o.c.status_code, b.c.input_path)
+        .join(o, and_(o.c.job_number == r.c.job_number, o.c.position == r.c.position))
         .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
         .where(*condition)
         .order_by(r.c.position)

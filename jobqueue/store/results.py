@@ -11,13 +11,14 @@ length), so the export in input order reads each line straight from disk.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy import Connection
 
 from jobqueue.core.lifecycle import RETRYABLE_CODES
-from jobqueue.files.results import outcome_rows, read_runs, run_lines, write_runs
+from jobqueue.files.results import TOKEN_KINDS, outcome_rows, read_runs, run_lines, write_runs
 from jobqueue.store import Store
 from jobqueue.store.outcomes import (
     batch_positions,
@@ -25,6 +26,18 @@ from jobqueue.store.outcomes import (
     result_locations_in_order,
     write_outcomes,
 )
+
+
+@dataclass(slots=True)
+class Recorded:
+    """What recording a batch's outcomes found."""
+
+    # Requests by outcome: succeeded, failed, pending (waiting for a retry).
+    counts: dict[str, int]
+    # Tokens summed over the lines' `usage`, by kind (`TOKEN_KINDS`); all 0 when not read.
+    tokens: dict[str, int]
+    # Requests no line mentioned.
+    missing: int
 
 
 def record_outcomes(
@@ -36,8 +49,12 @@ def record_outcomes(
     files: list[tuple[str, Path]],
     can_retry: bool,
     missing_code: str,
-) -> dict[str, int]:
-    """Record the outcome of every request of a collected batch; return final counts.
+    replace: bool = True,
+    tokens: bool = True,
+) -> Recorded:
+    """Record the outcome of every request of a collected batch, and the tokens of each
+    response's `usage` (in the same pass over the files; `tokens=False` skips them); return the
+    final counts and the tokens summed.
 
     A retryable failure leaves the request pending (outcome NULL) when `can_retry`, for the retry
     duty to resubmit, but its line is recorded so results can show it if no retry ever runs.
@@ -45,30 +62,49 @@ def record_outcomes(
     line (in both files, say), its first line wins: output lines are read first, so a success.
 
     The batch's custom ids come first (custom_id -> position, from the (job, batch) index), so
-    lines of ids the batch does not hold are dropped, and each line becomes an update by primary
-    key (see `outcomes.write_outcomes`). At most one batch of updates is held in memory. Every
-    request of the batch was pending, so the counts are those of the updates themselves.
+    lines of ids the batch does not hold are dropped, and each line becomes an outcome row
+    (see `outcomes.write_outcomes`; `replace` when the batch may hold requests that have a row
+    already, i.e. a retry batch). At most one batch of rows is held in memory. Every request of
+    the batch was pending, so the counts are those of the rows themselves.
     """
     missing_final = None if (can_retry and missing_code in RETRYABLE_CODES) else "failed"
     positions = batch_positions(conn, store.dialect, job_number, batch_number)
     counts = {"succeeded": 0, "failed": 0, "pending": 0}
+    sums = [0, 0, 0, 0]
 
     def first_lines() -> Iterator[tuple[int, tuple[Any, ...]]]:
         """(position, outcome columns) of the first line of each request of the batch."""
         seen: set[int] = set()
-        for row in outcome_rows(files, can_retry):
+        for row in outcome_rows(files, can_retry, tokens=tokens):
             position = positions.get(row[6])
             if position is not None and position not in seen:
                 seen.add(position)
                 counts[row[0] or "pending"] += 1
-                yield position, row[:6]
+                used = row[7]
+                if used is None:
+                    yield position, (*row[:6], None, None, None, None)
+                else:
+                    sums[0] += used[0]
+                    sums[1] += used[1]
+                    sums[2] += used[2]
+                    sums[3] += used[3]
+                    yield position, (*row[:6], *used)
 
-    recorded = write_outcomes(conn, store.dialect, job_number, batch_number, first_lines())
+    recorded = write_outcomes(
+        conn,
+        store.dialect,
+        job_number,
+        batch_number,
+        first_lines(),
+        replace=positions.values() if replace else (),
+    )
+    missing = 0
     if recorded < len(positions):
-        counts[missing_final or "pending"] += record_missing(
+        missing = record_missing(
             conn, store.dialect, job_number, batch_number, missing_final, missing_code
         )
-    return counts
+        counts[missing_final or "pending"] += missing
+    return Recorded(counts, dict(zip(TOKEN_KINDS, sums, strict=True)), missing)
 
 
 def iter_result_lines(
@@ -82,7 +118,7 @@ def iter_result_lines(
 ) -> Iterator[tuple[tuple[Any, ...], bytes]]:
     """(request, raw JSONL line without newline) for every request, in input order; the request
     is a tuple (position, custom_id, status_code, error_code, result_batch_number, result_kind,
-    result_offset, result_length).
+    result_offset, result_length), its custom_id None where the line has it.
 
     `result_paths` maps batch number -> {"output": path, "error": path}. A request that never ran
     (cancelled or expired before it was executed) gets a synthetic line with that error.

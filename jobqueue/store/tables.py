@@ -1,7 +1,8 @@
 """The SQLModel tables. Times are Unix seconds (floats): portable, exact and cheap to compare.
 
 Request bodies never enter the database: they stay in shard files under the data dir. The
-`requests` table is the per-request index: where each request is now, and where its outcome is.
+`requests` table is the per-request index: where each request is now; `outcomes` holds what
+became of it and where its result line is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Integer,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlmodel import Field, SQLModel
 
@@ -158,13 +160,15 @@ class BatchRow(SQLModel, table=True):
 
 
 class RequestRow(SQLModel, table=True):
-    """One request of a job: where it is now and where its outcome's line is.
+    """One request of a job: where it is now (its batch and attempt). Its outcome, once it has
+    one, is a row of `outcomes`.
 
     Keyed by small integers (`jobs.number`, `batches.number`) rather than the text ids, and
     clustered on (job_number, position) (`WITHOUT ROWID` on SQLite): a row is ~35 bytes in one
-    B-tree instead of ~265 bytes in four, which is what makes a million-request intake and
-    collection fast. No foreign key: rows are only ever written with their job, in its
-    transaction, and a per-row check would cost more than the row itself.
+    B-tree instead of ~265 bytes in four, which is what makes a million-request intake fast.
+    Collection never updates these rows (it appends to `outcomes`), so they stay where intake
+    wrote them, in input order. No foreign key: rows are only ever written with their job, in
+    its transaction, and a per-row check would cost more than the row itself.
     """
 
     __tablename__ = "requests"
@@ -180,15 +184,51 @@ class RequestRow(SQLModel, table=True):
     # The batch that holds the request now (its latest attempt).
     batch_number: int
     attempt: int = 1
-    # None while pending; `succeeded` or `failed` once the holding batch was collected.
+
+
+class OutcomeRow(SQLModel, table=True):
+    """The latest recorded outcome of a request (same key as `requests`): written when its batch
+    is collected, append-only in the usual case (a request's first attempt), replaced when a
+    retry's batch is collected. A request without a row, or whose row has `outcome` NULL (a
+    retryable failure, waiting for its retry), is pending. Every request of a collected batch
+    has a row (a line's, or one saying why it has none).
+
+    Appending is what makes collection fast: a PostgreSQL INSERT (COPY) costs a fraction of an
+    UPDATE of the full request pages, and the rows land in collection order, which is input
+    order, so the export reads them in sequence. Clustered like `requests` on SQLite.
+    """
+
+    __tablename__ = "outcomes"
+    __table_args__ = (
+        # The few requests waiting for a retry, found without scanning the job's rows; rows
+        # with a final outcome (nearly all) are not in it and cost it nothing.
+        Index(
+            "ix_outcomes_pending",
+            "job_number",
+            "position",
+            sqlite_where=text("outcome IS NULL"),
+            postgresql_where=text("outcome IS NULL"),
+        ),
+        {"sqlite_with_rowid": False},
+    )
+
+    job_number: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    position: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    # None while pending (a retryable failure); `succeeded` or `failed` once final.
     outcome: str | None = Field(default=None, max_length=16)
     status_code: int | None = None
     error_code: str | None = Field(default=None, max_length=128)
-    # Where the outcome's line is: in the output or error file of batch `result_batch_number`.
+    # Where the outcome's line is: in the output or error file of batch `result_batch_number`
+    # (None when no line names the request: it never ran, or the remote did not report it).
     result_batch_number: int | None = None
     result_kind: str | None = Field(default=None, max_length=8)
     result_offset: int | None = Field(default=None, sa_column=Column(BigInteger))
     result_length: int | None = None
+    # Tokens from the response body's `usage` (None when the line had none, e.g. an error).
+    input_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
 
 class EventRow(SQLModel, table=True):
@@ -232,6 +272,7 @@ class DaemonRow(SQLModel, table=True):
 jobs_table = JobRow.__table__  # type: ignore[attr-defined]
 batches_table = BatchRow.__table__  # type: ignore[attr-defined]
 requests_table = RequestRow.__table__  # type: ignore[attr-defined]
+outcomes_table = OutcomeRow.__table__  # type: ignore[attr-defined]
 events_table = EventRow.__table__  # type: ignore[attr-defined]
 daemons_table = DaemonRow.__table__  # type: ignore[attr-defined]
 

@@ -12,13 +12,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, and_, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql.schema import Table
 
 from jobqueue.core.ids import new_id
 from jobqueue.store import Store
-from jobqueue.store.tables import batches_table, requests_table
+from jobqueue.store.tables import batches_table, outcomes_table, requests_table
 
 # A fixed clock, far from the real one: operations that take `now` get it, so a column stamped
 # from the local clock instead of the time handed in shows up at once.
@@ -72,7 +72,9 @@ def add_job(
     """A job with one batch per spec (column overrides, and `requests`: how many request index
     rows it holds, 1 unless given), its requests at consecutive positions in batch order with
     custom ids `req-<position>`. The job is `running` once a batch is past `queued`, unless the
-    spec says otherwise. Returns (job id, batch ids)."""
+    spec says otherwise. The requests of a batch given `collected_at` have their outcome rows,
+    pending, as collection leaves them (`set_requests` gives them an outcome). Returns (job id,
+    batch ids)."""
     job_id = new_id("job")
     specs = [dict(spec) for spec in (batches or ({},))]
     counts = [int(spec.pop("requests", 1)) for spec in specs]
@@ -97,6 +99,14 @@ def add_job(
             store.insert_requests_json(
                 conn, values["number"], row["number"], orjson.dumps(ids).decode(), position
             )
+            if row.get("collected_at") is not None:
+                conn.execute(
+                    insert(outcomes_table),
+                    [
+                        {"job_number": values["number"], "position": p}
+                        for p in range(position, position + n)
+                    ],
+                )
             position += n
     return job_id, [r["id"] for r in rows]
 
@@ -130,13 +140,26 @@ def count(store: Store, table: Table, *where: Any) -> int:
         return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
 
 
+_OUTCOME_COLUMNS = (
+    "outcome", "status_code", "error_code", "result_batch_number", "result_kind",
+    "result_offset", "result_length", "input_tokens", "cached_input_tokens", "output_tokens",
+    "reasoning_tokens",
+)  # fmt: skip
+
+
 def requests_of(store: Store, job_id: str) -> list[Row]:
-    """The job's request index rows, by position."""
-    r = requests_table
+    """The job's request index rows, by position, each with its outcome row's columns (None
+    where it has none)."""
+    r, o = requests_table, outcomes_table
     number = get_job(store, job_id).number
     with store.read() as conn:
         return list(
-            conn.execute(select(r).where(r.c.job_number == number).order_by(r.c.position)).all()
+            conn.execute(
+                select(r, *(o.c[c] for c in _OUTCOME_COLUMNS))
+                .outerjoin(o, and_(o.c.job_number == r.c.job_number, o.c.position == r.c.position))
+                .where(r.c.job_number == number)
+                .order_by(r.c.position)
+            ).all()
         )
 
 
@@ -210,10 +233,32 @@ class InThread:
 
 def set_requests(store: Store, job_id: str, positions: list[int], **values: Any) -> None:
     """Put some of a job's requests in a state (an outcome, an attempt) for a test to start
-    from."""
-    r = requests_table
+    from: request columns on `requests`, outcome columns on their `outcomes` rows (made if
+    missing)."""
+    r, o = requests_table, outcomes_table
     number = get_job(store, job_id).number
+    outcome = {k: v for k, v in values.items() if k in _OUTCOME_COLUMNS}
+    request = {k: v for k, v in values.items() if k not in _OUTCOME_COLUMNS}
     with store.write() as conn:
-        conn.execute(
-            update(r).where(r.c.job_number == number, r.c.position.in_(positions)).values(**values)
-        )
+        if request:
+            conn.execute(
+                update(r)
+                .where(r.c.job_number == number, r.c.position.in_(positions))
+                .values(**request)
+            )
+        if outcome:
+            have = set(
+                conn.execute(
+                    select(o.c.position).where(
+                        o.c.job_number == number, o.c.position.in_(positions)
+                    )
+                ).scalars()
+            )
+            for position in positions:
+                if position not in have:
+                    conn.execute(insert(o).values(job_number=number, position=position))
+            conn.execute(
+                update(o)
+                .where(o.c.job_number == number, o.c.position.in_(positions))
+                .values(**outcome)
+            )

@@ -3,12 +3,17 @@ user's cancel."""
 
 from __future__ import annotations
 
-from sqlalchemy import update
-
 from jobqueue.store import Store
 from jobqueue.store.lifecycle import request_cancel, settle_job
-from jobqueue.store.tables import requests_table
-from tests.store.helpers import NOW, add_job, events_of, get_batch, get_job, requests_of
+from tests.store.helpers import (
+    NOW,
+    add_job,
+    events_of,
+    get_batch,
+    get_job,
+    requests_of,
+    set_requests,
+)
 
 # -- the operations under test ----------------------------------------------------------------
 
@@ -24,11 +29,7 @@ def cancel(store: Store, job_id: str, now: float = NOW) -> int:
 
 
 def _finish_requests(store: Store, job_id: str, outcome: str = "succeeded") -> None:
-    r = requests_table
-    with store.write() as conn:
-        conn.execute(
-            update(r).where(r.c.job_number == get_job(store, job_id).number).values(outcome=outcome)
-        )
+    set_requests(store, job_id, [r.position for r in requests_of(store, job_id)], outcome=outcome)
 
 
 # -- settling ---------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def record(
         files=files,
         can_retry=can_retry,
         missing_code=missing_code,
-    )
+    ).counts
 
 
 def move_to_batch(store: Store, job_id: str, positions: list[int], batch_number: int) -> None:
