@@ -213,8 +213,8 @@ class Settings(BaseSettings):
     @field_validator("enqueued_token_limit", mode="after")
     @classmethod
     def _token_limit(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
-        limits = value.values() if isinstance(value, dict) else [value] if value else []
-        if isinstance(value, int) and value <= 0 or any(n <= 0 for n in limits):
+        limits = list(value.values()) if isinstance(value, dict) else [value]
+        if any(n is not None and n <= 0 for n in limits):
             raise ValueError("an enqueued-token limit must be a positive number of tokens")
         return value
 
@@ -313,6 +313,7 @@ def packaged_prices() -> PriceTable:
     data = tomllib.loads(text)
     prices = {name: price_of(entry) for name, entry in data.get("models", {}).items()}
     return PriceTable(prices, data.get("date"), data.get("source"))
+
 
 # Credential file (systemd `LoadCredential=` id) -> the name the environment gives it.
 CREDENTIALS = {"openai_api_key": "OPENAI_API_KEY", "openai_webhook_secret": "OPENAI_WEBHOOK_SECRET"}
