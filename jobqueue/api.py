@@ -162,14 +162,15 @@ class JobQueue:
         self.settings = settings or load_settings(
             config, database_url=database_url, data_dir=data_dir, **overrides
         )
+        self._prices: PriceTable | None = None
         self.data_dir = Path(self.settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         share_with_group(self.data_dir)  # a setgid data dir: files group-writable, see there
         self.store = Store(self.settings.effective_database_url)
+        costs.use_prices(self.store, self.prices)  # what its events are priced with
         self._daemon: Daemon | None = None
         self._python_sinks: list[Any] = []
         self._changed = threading.Condition()
-        self._prices: PriceTable | None = None
 
     def close(self) -> None:
         self.stop()
@@ -305,8 +306,16 @@ class JobQueue:
                 self._check_priced((shard.model for shard in prepared.shards), max_cost)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 shards = prepared.move_to(final).shards
-                # The estimates the budgets count with (input tokens, output bounds).
-                plans = {shard.index: _shard_plan(endpoint, shard) for shard in shards}
+                # What a budget and the enqueued-token limits count with: each request's
+                # input tokens and output bound (`jobqueue.tokens`), in one more pass over the
+                # shards; without either, the rough bytes / 4 (the pass costs ~5 µs a request).
+                guesses: dict[int, tuple[int, int | None]] = {
+                    s.index: (s.estimated_tokens, None) for s in shards
+                }
+                if max_cost is not None or self.settings.enqueued_token_limit is not None:
+                    for s in shards:
+                        plan = _shard_plan(endpoint, s)
+                        guesses[s.index] = (plan.input_tokens, plan.max_output_tokens)
                 job = {
                     "id": job_id,
                     "number": job_number,
@@ -341,8 +350,8 @@ class JobQueue:
                         "input_path": str(shard.path),
                         "request_count": shard.requests,
                         "bytes": shard.bytes,
-                        "estimated_tokens": plans[shard.index].input_tokens,
-                        "max_output_tokens": plans[shard.index].max_output_tokens,
+                        "estimated_tokens": guesses[shard.index][0],
+                        "max_output_tokens": guesses[shard.index][1],
                         "created_at": now,
                         "updated_at": now,
                     }
@@ -654,7 +663,8 @@ class JobQueue:
             for group, line in groups.items()
         )  # fmt: skip
         when = datetime.fromtimestamp(since, UTC) if since is not None else None
-        return CostReport(by, key, when, lines, tuple(unpriced))
+        counted = len({item.job_id for item in found})
+        return CostReport(by, key, when, lines, tuple(unpriced), jobs=counted)
 
     # -- hook deliveries --------------------------------------------------------------------
 

@@ -169,6 +169,31 @@ def price_of(given: Mapping[str, Any], before: Price | None = None) -> Price:
     )
 
 
+def usage_data(
+    prices: PriceTable, usage_by_model: Mapping[str | None, Usage], source: str
+) -> dict[str, Any]:
+    """What an event's data says of usage: the tokens summed, their cost (None: unknown, or
+    no usage known), per model, and where the counts come from (`source`: "collected", the
+    responses' own usage; "remote", the remote batch object's)."""
+    if not usage_by_model:
+        return {"usage": None, "cost": None, "usage_source": source}
+    total = Usage()
+    for usage in usage_by_model.values():
+        total = total + usage
+    costs = {model: prices.cost(model, usage) for model, usage in usage_by_model.items()}
+    data: dict[str, Any] = {
+        "usage": total.to_dict(),
+        "cost": _round(sum_costs(costs.values())),
+        "usage_source": source,
+    }
+    if len(usage_by_model) > 1:
+        data["usage_by_model"] = [
+            {"model": model, **usage.to_dict(), "cost": _round(costs[model])}
+            for model, usage in usage_by_model.items()
+        ]
+    return data
+
+
 def sum_costs(costs: Iterable[float | None]) -> float | None:
     """The total of some costs; None (unknown) when any of them is."""
     total = 0.0

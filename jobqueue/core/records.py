@@ -608,6 +608,7 @@ class CostReport:
     since: datetime | None
     lines: tuple[CostLine, ...]
     unpriced: tuple[str, ...] = ()
+    jobs: int = 0  # jobs with collected usage, across the lines
 
     @property
     def usage(self) -> Usage:
@@ -626,6 +627,6 @@ class CostReport:
             "metadata_key": self.key,
             "since": _iso(self.since),
             "lines": [line.to_dict() for line in self.lines],
-            "total": {**self.usage.to_dict(), "cost": _money(self.cost)},
+            "total": {"jobs": self.jobs, **self.usage.to_dict(), "cost": _money(self.cost)},
             "unpriced_models": list(self.unpriced),
         }

@@ -29,7 +29,7 @@ def allows(ctx: DutyContext, conn: Connection, row: Any) -> bool:
     job = costs.lock_budget(conn, row.job_id)
     if job is None or job.max_cost is None:
         return True
-    prices = ctx.settings.price_table()
+    prices = ctx.prices
     spending = costs.job_spending(conn, prices, row.job_id)
     estimate = costs.batch_estimate(prices, row)
     unpriced = spending.unpriced or (() if estimate is not None else (row.model or "?",))

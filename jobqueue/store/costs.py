@@ -8,17 +8,39 @@ tokens plus, where its requests bound them, its most output tokens.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Row, func, select, update
 
-from jobqueue.core.costs import KINDS, PriceTable, Usage
+from jobqueue.core.costs import KINDS, PriceTable, Usage, usage_data
 from jobqueue.core.states import BatchStatus
+from jobqueue.settings import packaged_prices
 from jobqueue.store.coordination import wake
 from jobqueue.store.events import add_event
 from jobqueue.store.tables import batches_table, jobs_table
+
+_PRICES: weakref.WeakKeyDictionary[Any, PriceTable] = weakref.WeakKeyDictionary()
+
+
+def use_prices(store: Any, prices: PriceTable) -> None:
+    """Price what `store` writes into events (a job's end) with `prices`: the config's table,
+    set by whoever opened the store with its settings (`JobQueue`, the daemon)."""
+    _PRICES[store] = prices
+
+
+def prices_of(store: Any) -> PriceTable:
+    """The table `use_prices` gave `store`, else the packaged one."""
+    found = _PRICES.get(store)
+    return found if found is not None else packaged_prices()
+
+
+def job_usage_data(store: Any, conn: Connection, job_id: str) -> dict[str, Any]:
+    """The usage part of a job event's data: its collected tokens and their cost."""
+    found = usage_by_job_and_model(conn, [job_id])
+    return usage_data(prices_of(store), {u.model: u.usage for u in found}, "collected")
 
 
 def batch_estimate(prices: PriceTable, row: Any) -> float | None:
@@ -112,6 +134,17 @@ def usage_by_job_and_model(conn: Connection, job_ids: Iterable[str]) -> list[Mod
     return [
         ModelUsage(row[0], row[1], Usage(*(int(v) for v in row[3:])), int(row[2])) for row in rows
     ]
+
+
+def usage_by_model(conn: Connection) -> dict[str | None, Usage]:
+    """Every collected batch's tokens, summed by model (the Prometheus metrics)."""
+    b = batches_table
+    rows = conn.execute(
+        select(b.c.model, *(func.coalesce(func.sum(b.c[k]), 0) for k in KINDS))
+        .where(b.c.input_tokens.is_not(None))
+        .group_by(b.c.model)
+    ).all()
+    return {row[0]: Usage(*(int(v) for v in row[1:])) for row in rows}
 
 
 def jobs_for_costs(

@@ -14,6 +14,7 @@ from jobqueue.core.states import BATCH_TERMINAL, BatchStatus, JobStatus
 from jobqueue.logs import get_logger
 from jobqueue.store import Connection, Store
 from jobqueue.store.batches import cancel_queued, request_remote_cancel
+from jobqueue.store.costs import job_usage_data
 from jobqueue.store.jobs import mark_cancel_requested
 from jobqueue.store.problems import problem_values_cleared
 from jobqueue.store.requests import count_pending
@@ -71,7 +72,11 @@ def settle_job(
     values: dict[str, object] = problem_values_cleared()  # an ended job is not stuck
     if dest == J.FAILED and not job.error:
         values["error"] = next((b.last_error for b in batches if b.last_error), None)
-    row = store.transition_job(conn, job_id, job.status, dest, values=values, now=now)
+    # Every batch is collected by now: the event carries the job's tokens and their cost.
+    usage = job_usage_data(store, conn, job_id)
+    if job.max_cost is not None:
+        usage["max_cost"] = job.max_cost
+    row = store.transition_job(conn, job_id, job.status, dest, values=values, data=usage, now=now)
     if row is None:
         return None
     log.info(
