@@ -236,7 +236,7 @@ class JobQueue:
         missing = [m or "(no model)" for m in dict.fromkeys(models) if prices.price(m) is None]
         if missing:
             raise InvalidOptions(
-                f"a budget needs a price for every model: none for {', '.join(missing)} "
+                f"no price for {', '.join(missing)}: a budget needs a price for every model "
                 '(add one under [prices."model-name"] in the config); nothing was recorded'
             )
 
