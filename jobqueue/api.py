@@ -597,6 +597,17 @@ class JobQueue:
         from jobqueue.core.problems import ProblemSource
         from jobqueue.store.problems import clear_problem
 
+        # The queued batches' estimates, as a job submitted with a budget has them (one
+        # submitted without has the rough bytes / 4 and no output bound).
+        with self.store.read() as conn:
+            row = self.job_row(conn, job_id)
+            queued = [b for b in self.store.job_batches(conn, row.id) if b.status == "queued"]
+        estimates = {}
+        if value is not None:
+            try:
+                estimates = {b.id: _estimate_file(row.endpoint, b.input_path) for b in queued}
+            except OSError as exc:
+                raise StorageError.of(exc, Path(row.input_dir)) from exc
         with self.store.write() as conn:
             row = self.job_row(conn, job_id)
             if row.status not in OPEN_STATUSES:
@@ -605,6 +616,7 @@ class JobQueue:
             self._check_priced(models, value)
             now = time.time()
             costs.set_budget(conn, row.id, value, now=now)
+            costs.set_estimates(conn, estimates)
             clear_problem(conn, row.id, ProblemSource.BUDGET, now=now)
         if self._daemon is not None:
             self._daemon.wake("submit")
@@ -1098,9 +1110,21 @@ def _limits(options: Mapping[str, Any]) -> inputs.Limits:
 def _shard_plan(endpoint: str, shard: inputs.Shard, prices: PriceTable | None = None) -> ShardPlan:
     """A shard's size and token estimate (`jobqueue.tokens`), read back from its file, and
     with `prices` its estimated cost."""
+    input_tokens, output = _estimate_file(endpoint, shard.path)
+    cost = prices.estimate(shard.model, input_tokens, output) if prices is not None else None
+    return ShardPlan(
+        shard.index, shard.model, shard.requests, shard.bytes, input_tokens, output,
+        cost_min=cost.low if cost is not None else None,
+        cost_max=cost.high if cost is not None else None,
+    )  # fmt: skip
+
+
+def _estimate_file(endpoint: str, path: str | Path) -> tuple[int, int | None]:
+    """The estimated input tokens of a shard's requests, and the most output tokens they
+    allow (None when one sets no bound)."""
     input_tokens = 0
     output: int | None = 0
-    with open(shard.path, "rb") as f:
+    with open(path, "rb") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -1110,12 +1134,7 @@ def _shard_plan(endpoint: str, shard: inputs.Shard, prices: PriceTable | None = 
                 output = (
                     None if guess.max_output_tokens is None else output + guess.max_output_tokens
                 )
-    cost = prices.estimate(shard.model, input_tokens, output) if prices is not None else None
-    return ShardPlan(
-        shard.index, shard.model, shard.requests, shard.bytes, input_tokens, output,
-        cost_min=cost.low if cost is not None else None,
-        cost_max=cost.high if cost is not None else None,
-    )  # fmt: skip
+    return input_tokens, output
 
 
 def _provider_class(name: str) -> Any:

@@ -137,9 +137,7 @@ def test_the_enqueued_token_limit_is_a_number_or_a_table_by_model(tmp_path: Path
 # -- estimates before spending ---------------------------------------------------------------
 
 
-def _lines(
-    n: int, model: str = "fixed-model", first: int = 0, **body: Any
-) -> list[dict[str, Any]]:
+def _lines(n: int, model: str = "fixed-model", first: int = 0, **body: Any) -> list[dict[str, Any]]:
     lines = [chat_line(i, model) for i in range(first, first + n)]
     for line in lines:
         line["body"].update(body)
@@ -322,15 +320,15 @@ def test_status_shows_usage_and_cost(tmp_path: Path, capsys: pytest.CaptureFixtu
         job = _job_with_usage(jq, tmp_path, "gpt-4o-mini", "red", Usage(2_000_000, 0, 0, 0),
                               time.time())  # fmt: skip
         jq.set_budget(job, 4)
-    code, out, _ = _cli(capsys, "--database-url", url, "status", job, "--json")
+    _, out, _ = _cli(capsys, "--database-url", url, "status", job, "--json")
     status = json.loads(out)
     assert status["usage"]["input_tokens"] == 2_000_000
     assert status["cost"] == pytest.approx(0.15) and status["max_cost"] == 4.0
     assert status["batches"][0]["usage"]["input_tokens"] == 2_000_000
     assert status["batches"][0]["cost"] == pytest.approx(0.15)
-    code, out, _ = _cli(capsys, "--database-url", url, "status", "--json")
+    _, out, _ = _cli(capsys, "--database-url", url, "status", "--json")
     assert json.loads(out)[0]["cost"] == pytest.approx(0.15)
-    code, out, _ = _cli(capsys, "--database-url", url, "status")
+    _, out, _ = _cli(capsys, "--database-url", url, "status")
     assert "COST" in out and "$0.1500" in out and "$4.00" in out
-    code, out, _ = _cli(capsys, "--database-url", url, "status", job)
+    _, out, _ = _cli(capsys, "--database-url", url, "status", job)
     assert "cost       $0.1500" in out and "budget     $4.00" in out

@@ -205,7 +205,7 @@ def sum_costs(costs: Iterable[float | None]) -> float | None:
 
 
 def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
+    return None if value is None else round(value, 10)
 
 
 def usd(value: float | None) -> str:

@@ -567,7 +567,7 @@ class Delivery:
 
 
 def _money(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
+    return None if value is None else round(value, 10)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -56,4 +56,4 @@ def allows(ctx: DutyContext, conn: Connection, row: Any) -> bool:
 
 
 def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
+    return None if value is None else round(value, 10)

@@ -196,6 +196,17 @@ def set_budget(conn: Connection, job_id: str, max_cost: float | None, *, now: fl
     return True
 
 
+def set_estimates(conn: Connection, estimates: Mapping[str, tuple[int, int | None]]) -> None:
+    """Record queued batches' estimates: batch id -> (input tokens, most output tokens)."""
+    b = batches_table
+    for batch_id, (input_tokens, max_output) in estimates.items():
+        conn.execute(
+            update(b)
+            .where(b.c.id == batch_id, b.c.status == BatchStatus.QUEUED.value)
+            .values(estimated_tokens=input_tokens, max_output_tokens=max_output)
+        )
+
+
 def hold_batch(conn: Connection, batch_id: str, until: float) -> None:
     """Keep a queued batch the budget stops from being a submit candidate until `until` (when
     it is looked at again; a new budget makes it due at once)."""
