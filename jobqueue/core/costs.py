@@ -99,7 +99,7 @@ class Estimate:
     high: float | None
 
     def to_dict(self) -> dict[str, float | None]:
-        return {"min": _round(self.low), "max": _round(self.high)}
+        return {"min": round_usd(self.low), "max": round_usd(self.high)}
 
 
 @dataclass(frozen=True)
@@ -183,12 +183,12 @@ def usage_data(
     costs = {model: prices.cost(model, usage) for model, usage in usage_by_model.items()}
     data: dict[str, Any] = {
         "usage": total.to_dict(),
-        "cost": _round(sum_costs(costs.values())),
+        "cost": round_usd(sum_costs(costs.values())),
         "usage_source": source,
     }
     if len(usage_by_model) > 1:
         data["usage_by_model"] = [
-            {"model": model, **usage.to_dict(), "cost": _round(costs[model])}
+            {"model": model, **usage.to_dict(), "cost": round_usd(costs[model])}
             for model, usage in usage_by_model.items()
         ]
     return data
@@ -204,7 +204,8 @@ def sum_costs(costs: Iterable[float | None]) -> float | None:
     return total
 
 
-def _round(value: float | None) -> float | None:
+def round_usd(value: float | None) -> float | None:
+    """A cost as events and JSON carry it: float noise rounded off (to 1e-10 USD)."""
     return None if value is None else round(value, 10)
 
 

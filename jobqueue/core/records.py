@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from jobqueue.core.costs import PriceTable, Usage, sum_costs
+from jobqueue.core.costs import PriceTable, Usage, round_usd, sum_costs
 from jobqueue.core.states import JOB_TERMINAL
 from jobqueue.core.times import iso
 
@@ -121,7 +121,7 @@ class Batch:
             "error_file_id": self.error_file_id,
             "last_error": self.last_error,
             "usage": self.usage.to_dict() if self.usage is not None else None,
-            "cost": _money(self.cost),
+            "cost": round_usd(self.cost),
             "remote_usage": self.remote_usage.to_dict() if self.remote_usage else None,
             "estimated_input_tokens": self.estimated_input_tokens,
             "max_output_tokens": self.max_output_tokens,
@@ -281,10 +281,10 @@ class Job:
             "error": self.error,
             "request_counts": self.request_counts.to_dict(),
             "usage": usage.to_dict() if usage is not None else None,
-            "cost": _money(self.cost),
+            "cost": round_usd(self.cost),
             "max_cost": self.max_cost,
             "usage_by_model": [
-                {"model": model, **u.to_dict(), "cost": _money(self.cost_by_model.get(model))}
+                {"model": model, **u.to_dict(), "cost": round_usd(self.cost_by_model.get(model))}
                 for model, u in self.usage_by_model.items()
             ],
             "batches": [b.to_dict() for b in self.batches],
@@ -354,7 +354,7 @@ class ShardPlan:
             "bytes": self.bytes,
             "input_tokens": self.input_tokens,
             "max_output_tokens": self.max_output_tokens,
-            "cost": {"min": _money(self.cost_min), "max": _money(self.cost_max)},
+            "cost": {"min": round_usd(self.cost_min), "max": round_usd(self.cost_max)},
         }
 
 
@@ -375,7 +375,7 @@ class ModelPlan:
             "requests": self.requests,
             "input_tokens": self.input_tokens,
             "max_output_tokens": self.max_output_tokens,
-            "cost": {"min": _money(self.cost_min), "max": _money(self.cost_max)},
+            "cost": {"min": round_usd(self.cost_min), "max": round_usd(self.cost_max)},
         }
 
 
@@ -448,7 +448,7 @@ class SubmitPlan:
             "bytes": self.bytes,
             "input_tokens": self.input_tokens,
             "max_output_tokens": _total(s.max_output_tokens for s in self.shards),
-            "cost": {"min": _money(self.cost_min), "max": _money(self.cost_max)},
+            "cost": {"min": round_usd(self.cost_min), "max": round_usd(self.cost_max)},
             "unpriced_models": list(self.unpriced),
             "max_cost": self.max_cost,
             "prices": {"date": self.prices_date, "source": self.prices_source},
@@ -566,10 +566,6 @@ class Delivery:
         }
 
 
-def _money(value: float | None) -> float | None:
-    return None if value is None else round(value, 10)
-
-
 def _iso(value: datetime | None) -> str | None:
     return iso(value.timestamp()) if value is not None else None
 
@@ -594,7 +590,7 @@ class CostLine:
             "jobs": self.jobs,
             "batches": self.batches,
             **self.usage.to_dict(),
-            "cost": _money(self.cost),
+            "cost": round_usd(self.cost),
         }
 
 
@@ -627,6 +623,6 @@ class CostReport:
             "metadata_key": self.key,
             "since": _iso(self.since),
             "lines": [line.to_dict() for line in self.lines],
-            "total": {"jobs": self.jobs, **self.usage.to_dict(), "cost": _money(self.cost)},
+            "total": {"jobs": self.jobs, **self.usage.to_dict(), "cost": round_usd(self.cost)},
             "unpriced_models": list(self.unpriced),
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobqueue.core.costs import round_usd
 from jobqueue.core.problems import ProblemSource, budget_problem
 from jobqueue.duties import problems
 from jobqueue.duties.context import DutyContext
@@ -43,17 +44,13 @@ def allows(ctx: DutyContext, conn: Connection, row: Any) -> bool:
         conn, row.job_id, job.status,
         {
             "max_cost": job.max_cost,
-            "spent": _round(spending.spent),
-            "in_flight": _round(spending.in_flight),
+            "spent": round_usd(spending.spent),
+            "in_flight": round_usd(spending.in_flight),
             "next_batch_id": row.id,
-            "next_batch_estimate": _round(estimate),
+            "next_batch_estimate": round_usd(estimate),
             "unpriced_models": list(unpriced),
         },
         now=now,
     )  # fmt: skip
     costs.hold_batch(conn, row.id, now + RECHECK_SECONDS)
     return False
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 10)

@@ -165,15 +165,16 @@ def jobs_for_costs(
 
 
 def lock_budget(conn: Connection, job_id: str) -> Row[Any] | None:
-    """The job's budget columns, its row locked to the end of the transaction (PostgreSQL;
-    a SQLite writer holds the database): two daemons checking one job's budget take turns, so
-    each sees the batch the other claimed."""
+    """The job's budget columns; when it has a budget, its row locked to the end of the
+    transaction (PostgreSQL; a SQLite writer holds the database): two daemons checking one
+    job's budget take turns, so each sees the batch the other claimed. A job without a budget
+    is not locked (the claim then needs nothing of it)."""
     j = jobs_table
-    return conn.execute(
-        select(j.c.id, j.c.status, j.c.max_cost, j.c.budget_exceeded_at)
-        .where(j.c.id == job_id)
-        .with_for_update()
-    ).first()
+    query = select(j.c.id, j.c.status, j.c.max_cost, j.c.budget_exceeded_at).where(j.c.id == job_id)
+    found = conn.execute(query).first()
+    if found is None or found.max_cost is None:
+        return found
+    return conn.execute(query.with_for_update()).first()
 
 
 def set_budget(conn: Connection, job_id: str, max_cost: float | None, *, now: float) -> bool:

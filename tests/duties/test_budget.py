@@ -5,6 +5,7 @@ of a batch's and a job's end, and in the Prometheus metrics."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -12,12 +13,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobqueue.core.costs import Usage
+from jobqueue.duties import budget
 from jobqueue.duties.budget import RECHECK_SECONDS
 from jobqueue.duties.collect import collect_once
 from jobqueue.duties.reconcile import reconcile_once
 from jobqueue.duties.submit import claim_next, submit_once
 from jobqueue.service.server import MetricsCollector
-from tests.duties.conftest import ENDPOINT, World
+from tests.duties.conftest import CALL_TIMEOUT, ENDPOINT, World
 from tests.factories import chat_file, chat_line, write_jsonl
 
 # $1 per thousand input tokens, $2 per thousand output: a batch of these costs cents.
@@ -106,6 +108,46 @@ def test_what_another_daemon_just_claimed_counts_against_the_budget(make_world: 
     assert claim_next(two) is None
     assert sorted(_statuses(world, job.id)) == ["queued", "submitting"]
     assert world.job(job.id).problem_kind == "budget"
+
+
+def test_two_daemons_cannot_both_pass_the_budget_check(
+    make_world: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon 1 stops inside its budget check (after counting, before claiming) while daemon 2
+    checks the same job: 2 must wait for 1's claim and count it, so one batch goes, not two."""
+    world = make_world(prices=PRICES)
+    probe = _submit(world, 4, 2, max_cost=1000.0)
+    each = _estimate(world, probe.batches[0].id)
+    world.jq.cancel(probe.id)
+    job = _submit(world, 4, 2, max_cost=1.5 * each)
+    one, two = world.ctx("daemon-1", own_store=True), world.ctx("daemon-2", own_store=True)
+    counted, go_on = threading.Event(), threading.Event()
+    job_spending = budget.costs.job_spending
+
+    def paused(conn: Any, prices: Any, job_id: str) -> Any:
+        found = job_spending(conn, prices, job_id)
+        if threading.current_thread().name == "daemon-1":
+            counted.set()
+            assert go_on.wait(CALL_TIMEOUT)
+        return found
+
+    monkeypatch.setattr(budget.costs, "job_spending", paused)
+    claimed: dict[str, Any] = {}
+
+    def claim(ctx: Any) -> None:
+        claimed[ctx.owner] = claim_next(ctx)
+
+    first = threading.Thread(target=claim, args=(one,), name="daemon-1")
+    first.start()
+    assert counted.wait(CALL_TIMEOUT)
+    second = threading.Thread(target=claim, args=(two,), name="daemon-2")
+    second.start()
+    second.join(0.5)  # give it time to reach the check (it must wait there for daemon 1)
+    go_on.set()
+    first.join(CALL_TIMEOUT)
+    second.join(CALL_TIMEOUT)
+    assert claimed["daemon-1"] is not None and claimed["daemon-2"] is None
+    assert sorted(_statuses(world, job.id)) == ["queued", "submitting"]
 
 
 def test_a_collected_batch_priced_by_its_usage_frees_the_rest_of_its_estimate(
