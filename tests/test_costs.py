@@ -332,3 +332,52 @@ def test_status_shows_usage_and_cost(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "COST" in out and "$0.1500" in out and "$4.00" in out
     _, out, _ = _cli(capsys, "--database-url", url, "status", job)
     assert "cost       $0.1500" in out and "budget     $4.00" in out
+
+
+# -- a budget through `process`, against the emulator ---------------------------------------
+
+
+@pytest.fixture
+def emulator(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from jobqueue.emulator import EmulatorConfig, serve_in_thread
+    from tests.daemon_helpers import API_KEY
+
+    with serve_in_thread(EmulatorConfig(time_scale=3600, seed=5, api_key=API_KEY)) as em:
+        monkeypatch.setenv("JOBQUEUE_BASE_URL", em.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+        monkeypatch.setenv("JOBQUEUE_POLL_INTERVAL", "0.2")
+        yield em
+
+
+@pytest.mark.timeout(180)
+def test_process_stops_at_its_budget_and_goes_on_under_a_higher_one(
+    emulator: Any, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", _lines(12, "gpt-4o-mini", max_tokens=20))
+    out = tmp_path / "out.jsonl"
+    base = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]
+    code, plan, _ = _cli(capsys, *base, "submit", str(source), "-e", ENDPOINT,
+                         "--max-batch-requests", "4", "--dry-run", "--json")  # fmt: skip
+    shards = json.loads(plan)["shards"]
+    each = max(shard["cost"]["max"] for shard in shards)
+    least = min(shard["cost"]["min"] for shard in shards)  # a batch's input alone
+    args = [*base, "process", str(source), "-e", ENDPOINT, "-o", str(out),
+            "--max-batch-requests", "4"]  # fmt: skip
+    # Room for one batch's estimate and less than another's input: one runs (whatever its
+    # output), then the job stops at its budget.
+    code, _, err = _cli(capsys, *args, "--max-cost", f"{each + least / 2:.10f}")
+    assert code == 4, err
+    assert "budget" in err and not out.exists()
+    with JobQueue(database_url=db_url, data_dir=tmp_path / "data") as jq:
+        (job,) = jq.jobs()
+        assert job.problem_kind == "budget"
+        statuses = sorted(b.status for b in jq.get(job.id).batches)
+        assert statuses == ["completed", "queued", "queued"]
+        assert [e.type for e in jq.events(job.id)].count("job.budget_exceeded") == 1
+    # The same command with room for all: the same job goes on to its end.
+    code, _, err = _cli(capsys, *args, "--max-cost", f"{10 * each:.10f}")
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == 12
+    with JobQueue(database_url=db_url, data_dir=tmp_path / "data") as jq:
+        (job,) = jq.jobs()
+        assert job.status == "completed" and job.problem is None

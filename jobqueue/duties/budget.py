@@ -6,9 +6,10 @@ the batch about to be claimed. The check runs in the claim's transaction with th
 locked (`store.costs.lock_budget`), so two daemons claiming batches of one job take turns and
 each counts the batch the other claimed: a budget is never overrun by more than what the
 estimates miss. A batch the budget stops puts a `budget` problem on its job, writes
-`job.budget_exceeded` once (until the budget is set again), and is looked at again after
-`RECHECK_SECONDS` (in-flight estimates give way to real usage as batches are collected), or at
-once when the budget is raised (`JobQueue.set_budget`).
+`job.budget_exceeded` once (until the budget is set again), and is looked at again when a
+batch of the job is collected (its real usage replaces its estimate: `settle_job`), when the
+budget is raised (`JobQueue.set_budget`), and at the latest after `RECHECK_SECONDS`. A one-shot
+run (`process`, `run --until-done`) stops on the budget once nothing of the job is in flight.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def allows(ctx: DutyContext, conn: Connection, row: Any) -> bool:
     now = ctx.clock()
     problem = budget_problem(float(job.max_cost), estimate, unpriced)
     problems.report(ctx, row.job_id, problem, ProblemSource.BUDGET, conn, batch_id=row.id)
+    if spending.in_flight:
+        # Not stuck yet: what is in flight may still run and be collected (then the job is
+        # looked at again). A one-shot run stops on the budget only once nothing is.
+        ctx.stats.get("problems_seen", {}).pop(row.job_id, None)
     costs.mark_budget_exceeded(
         conn, row.job_id, job.status,
         {

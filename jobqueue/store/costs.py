@@ -180,7 +180,7 @@ def lock_budget(conn: Connection, job_id: str) -> Row[Any] | None:
 def set_budget(conn: Connection, job_id: str, max_cost: float | None, *, now: float) -> bool:
     """Give the job a new budget (None: none), so that a `job.budget_exceeded` may be written
     again for it, and make its queued batches due now. False when there is no such job."""
-    j, b = jobs_table, batches_table
+    j = jobs_table
     changed = conn.execute(
         update(j)
         .where(j.c.id == job_id)
@@ -188,13 +188,24 @@ def set_budget(conn: Connection, job_id: str, max_cost: float | None, *, now: fl
     ).rowcount
     if not changed:
         return False
+    release_holds(conn, job_id)
+    return True
+
+
+def release_holds(conn: Connection, job_id: str) -> None:
+    """Make the job's queued batches due now (the budget may allow them: it was raised, or a
+    batch was collected and its real usage replaced its estimate), and wake the submit duty."""
+    b = batches_table
     conn.execute(
         update(b)
-        .where(b.c.job_id == job_id, b.c.status == BatchStatus.QUEUED.value)
+        .where(
+            b.c.job_id == job_id,
+            b.c.status == BatchStatus.QUEUED.value,
+            b.c.not_before.is_not(None),
+        )
         .values(not_before=None)
     )
     wake(conn, "submit")
-    return True
 
 
 def set_estimates(conn: Connection, estimates: Mapping[str, tuple[int, int | None]]) -> None:
