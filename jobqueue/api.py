@@ -21,9 +21,19 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from jobqueue import tokens
+from jobqueue.core.costs import PriceTable, Usage, sum_costs
 from jobqueue.core.durations import parse_duration
 from jobqueue.core.ids import looks_like_id, new_id
-from jobqueue.core.records import Delivery, Event, Job, RunReport, ShardPlan, SubmitPlan
+from jobqueue.core.records import (
+    CostLine,
+    CostReport,
+    Delivery,
+    Event,
+    Job,
+    RunReport,
+    ShardPlan,
+    SubmitPlan,
+)
 from jobqueue.core.states import BatchStatus, JobStatus
 from jobqueue.files import inputs
 from jobqueue.files.fingerprint import content_sha256, fingerprint
@@ -31,7 +41,7 @@ from jobqueue.files.sharing import share_with_group
 from jobqueue.logs import get_logger
 from jobqueue.settings import Settings, load_settings
 from jobqueue.store import DatabaseError as DatabaseError  # re-exported: the CLI catches it
-from jobqueue.store import Store, lookup, outbox
+from jobqueue.store import Store, costs, lookup, outbox
 from jobqueue.store import StoreError as StoreError  # re-exported: the CLI catches it
 from jobqueue.store.coordination import DaemonAlreadyRunning as DaemonAlreadyRunning  # the CLI too
 from jobqueue.store.daemons import daemons_heard_since
@@ -116,6 +126,7 @@ class DuplicateJob(InvalidOptions):
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 JOB_STATUSES = tuple(s.value for s in JobStatus)
 OPEN_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+COST_GROUPS = ("model", "job", "metadata")
 
 
 class StorageError(JobQueueError):
@@ -151,10 +162,12 @@ class JobQueue:
         self.settings = settings or load_settings(
             config, database_url=database_url, data_dir=data_dir, **overrides
         )
+        self._prices: PriceTable | None = None
         self.data_dir = Path(self.settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         share_with_group(self.data_dir)  # a setgid data dir: files group-writable, see there
         self.store = Store(self.settings.effective_database_url)
+        costs.use_prices(self.store, self.prices)  # what its events are priced with
         self._daemon: Daemon | None = None
         self._python_sinks: list[Any] = []
         self._changed = threading.Condition()
@@ -184,6 +197,7 @@ class JobQueue:
         max_batch_bytes: int | None = None,
         name: str | None = None,
         allow_duplicate: bool = True,
+        max_cost: float | None = None,
     ) -> Job:
         """Validate and shard a JSONL file, record the job and its batches as `queued`.
 
@@ -193,14 +207,45 @@ class JobQueue:
         (what `jobqueue submit` does unless `--allow-duplicate`), a file whose job (same
         content, same options) is still open raises `DuplicateJob`.
         `name` names the job: unique, letters, digits, `.`, `_`, `-`, not hex digits alone.
+        `max_cost` (USD; the config's `max_cost` when not given) is the job's budget: no batch
+        is submitted past it (see `set_budget`); every model of the file needs a price then,
+        else `InvalidOptions` and nothing is recorded.
         """
         options = self._options(
             endpoint, completion_window, metadata, max_attempts, deadline, max_batch_requests,
             max_batch_bytes,
         )  # fmt: skip
         return self._submit(
-            Path(path), endpoint, options, name=name, allow_duplicate=allow_duplicate
-        )
+            Path(path), endpoint, options, name=name, allow_duplicate=allow_duplicate,
+            max_cost=self._max_cost(max_cost),
+        )  # fmt: skip
+
+    def _max_cost(self, max_cost: float | None) -> float | None:
+        value = max_cost if max_cost is not None else self.settings.max_cost
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+        ):
+            raise InvalidOptions(f"--max-cost must be a positive amount of USD, not {value!r}")
+        return None if value is None else float(value)
+
+    def _check_priced(self, models: Iterable[str | None], max_cost: float | None) -> None:
+        """A budget needs a price for every model: `InvalidOptions` naming those without."""
+        if max_cost is None:
+            return
+        prices = self.prices
+        missing = [m or "(no model)" for m in dict.fromkeys(models) if prices.price(m) is None]
+        if missing:
+            raise InvalidOptions(
+                f"no price for {', '.join(missing)}: a budget needs a price for every model "
+                '(add one under [prices."model-name"] in the config); nothing was recorded'
+            )
+
+    @property
+    def prices(self) -> PriceTable:
+        """The price table: the packaged Batch API prices with the config's `[prices]`."""
+        if self._prices is None:
+            self._prices = self.settings.price_table()
+        return self._prices
 
     def _options(
         self,
@@ -231,6 +276,7 @@ class JobQueue:
         name: str | None = None,
         allow_duplicate: bool = False,
         retry_of: str | None = None,
+        max_cost: float | None = None,
     ) -> Job:
         if name is not None:
             _check_name(name)
@@ -257,8 +303,19 @@ class JobQueue:
                 # Again in the transaction that records the job: another submit of the same
                 # file (or name) may have committed meanwhile.
                 self._refuse_duplicates(conn, print_, name, allow_duplicate)
+                self._check_priced((shard.model for shard in prepared.shards), max_cost)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 shards = prepared.move_to(final).shards
+                # What a budget and the enqueued-token limits count with: each request's
+                # input tokens and output bound (`jobqueue.tokens`), in one more pass over the
+                # shards; without either, the rough bytes / 4 (the pass costs ~5 µs a request).
+                guesses: dict[int, tuple[int, int | None]] = {
+                    s.index: (s.estimated_tokens, None) for s in shards
+                }
+                if max_cost is not None or self.settings.enqueued_token_limit is not None:
+                    for s in shards:
+                        plan = _shard_plan(endpoint, s)
+                        guesses[s.index] = (plan.input_tokens, plan.max_output_tokens)
                 job = {
                     "id": job_id,
                     "number": job_number,
@@ -277,6 +334,7 @@ class JobQueue:
                     "name": name,
                     "fingerprint": print_,
                     "retry_of": retry_of,
+                    "max_cost": max_cost,
                     "created_at": now,
                     "updated_at": now,
                 }
@@ -292,7 +350,8 @@ class JobQueue:
                         "input_path": str(shard.path),
                         "request_count": shard.requests,
                         "bytes": shard.bytes,
-                        "estimated_tokens": shard.estimated_tokens,
+                        "estimated_tokens": guesses[shard.index][0],
+                        "max_output_tokens": guesses[shard.index][1],
                         "created_at": now,
                         "updated_at": now,
                     }
@@ -370,11 +429,15 @@ class JobQueue:
         max_batch_requests: int | None = None,
         max_batch_bytes: int | None = None,
         name: str | None = None,
+        max_cost: float | None = None,
     ) -> SubmitPlan:
         """What `submit` would record, without recording anything (`submit --dry-run`): the
         file is validated and sharded in a temporary directory that is removed afterwards,
         and each shard's tokens are estimated (`jobqueue.tokens`: input tokens by a heuristic,
-        output tokens by the requests' own bounds). Raises what `submit` would raise."""
+        output tokens by the requests' own bounds), and priced (`ShardPlan.cost_min`: the input
+        alone; `cost_max`: with the most output tokens). Raises what `submit` would raise, but
+        a model without a price under a budget: the plan lists it (`unpriced`)."""
+        max_cost = self._max_cost(max_cost)
         options = self._options(
             endpoint, completion_window, metadata, max_attempts, deadline, max_batch_requests,
             max_batch_bytes,
@@ -398,10 +461,13 @@ class JobQueue:
             prepared = inputs.prepare_input(
                 source, endpoint, scratch / "input", _limits(options), sync=False
             )
-            shards = tuple(_shard_plan(endpoint, shard) for shard in prepared.shards)
+            shards = tuple(_shard_plan(endpoint, shard, self.prices) for shard in prepared.shards)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return SubmitPlan(str(source.resolve()), endpoint, options, shards, duplicate_of=duplicate)
+        return SubmitPlan(
+            str(source.resolve()), endpoint, options, shards, duplicate_of=duplicate,
+            prices_date=self.prices.date, prices_source=self.prices.source, max_cost=max_cost,
+        )  # fmt: skip
 
     def _job_options(
         self,
@@ -464,7 +530,7 @@ class JobQueue:
         """A job with its batches, by id, name or unambiguous prefix (see `job_row`)."""
         with self.store.read() as conn:
             row = self.job_row(conn, job_id)
-            job = Job.from_row(row, self.store.job_batches(conn, row.id))
+            job = Job.from_row(row, self.store.job_batches(conn, row.id), prices=self.prices)
             return self._with_short_ids(conn, [job])[0]
 
     def jobs(self, status: str | None = None, *, limit: int | None = None) -> list[Job]:
@@ -472,7 +538,11 @@ class JobQueue:
         if status is not None and status not in JOB_STATUSES:
             raise InvalidOptions(f"no job status {status!r}: use one of {', '.join(JOB_STATUSES)}")
         with self.store.read() as conn:
-            jobs = [Job.from_row(row) for row in self.store.list_jobs(conn, status, limit)]
+            rows = self.store.list_jobs(conn, status, limit)
+            usage: dict[str, dict[str | None, Usage]] = {row.id: {} for row in rows}
+            for found in costs.usage_by_job_and_model(conn, usage):
+                usage[found.job_id][found.model] = found.usage
+            jobs = [Job.from_row(row, prices=self.prices, usage=usage[row.id]) for row in rows]
             return self._with_short_ids(conn, jobs)
 
     def short_ids(self, job_ids: Iterable[str]) -> dict[str, str]:
@@ -515,6 +585,98 @@ class JobQueue:
         """How many of the job's requests needed more than one attempt."""
         with self.store.read() as conn:
             return retried_request_count(conn, self.job_row(conn, job_id).id)
+
+    # -- costs and budgets ------------------------------------------------------------------
+
+    def set_budget(self, job_id: str, max_cost: float | None) -> Job:
+        """Give a job a new budget in USD (None: none). A job the budget stopped goes on at
+        once when the new one allows its next batch: its `budget` problem is cleared, and its
+        queued batches are due now (a daemon, or `run`, submits them). Every model of the job
+        needs a price under a budget (`InvalidOptions` otherwise)."""
+        value = None if max_cost is None else self._max_cost(max_cost)
+        from jobqueue.core.problems import ProblemSource
+        from jobqueue.store.problems import clear_problem
+
+        # The queued batches' estimates, as a job submitted with a budget has them (one
+        # submitted without has the rough bytes / 4 and no output bound).
+        with self.store.read() as conn:
+            row = self.job_row(conn, job_id)
+            queued = [b for b in self.store.job_batches(conn, row.id) if b.status == "queued"]
+        estimates = {}
+        if value is not None:
+            try:
+                estimates = {b.id: _estimate_file(row.endpoint, b.input_path) for b in queued}
+            except OSError as exc:
+                raise StorageError.of(exc, Path(row.input_dir)) from exc
+        with self.store.write() as conn:
+            row = self.job_row(conn, job_id)
+            if row.status not in OPEN_STATUSES:
+                raise InvalidOptions(f"job {row.id} has ended ({row.status}): its budget is moot")
+            models = [b.model for b in self.store.job_batches(conn, row.id)]
+            self._check_priced(models, value)
+            now = time.time()
+            costs.set_budget(conn, row.id, value, now=now)
+            costs.set_estimates(conn, estimates)
+            clear_problem(conn, row.id, ProblemSource.BUDGET, now=now)
+        if self._daemon is not None:
+            self._daemon.wake("submit")
+        log.info("job budget set", job_id=row.id, max_cost=value)
+        return self.get(row.id)
+
+    def cost_report(
+        self,
+        job_ids: Sequence[str] | None = None,
+        *,
+        since: float | None = None,
+        by: str = "model",
+        key: str | None = None,
+    ) -> CostReport:
+        """What jobs cost: their collected usage priced, summed `by` "model", "job" or
+        "metadata" (the value of metadata key `key`), over `job_ids` (ids, names or prefixes)
+        or every job, those created at or after `since` (Unix seconds) when given. A group
+        with a model without a price has an unknown cost (None), never 0."""
+        if by not in COST_GROUPS:
+            raise InvalidOptions(f"--by must be one of {', '.join(COST_GROUPS)}, not {by!r}")
+        if (by == "metadata") != (key is not None):
+            raise InvalidOptions("--by metadata needs a KEY (`--by metadata team`), and only it")
+        prices = self.prices
+        with self.store.read() as conn:
+            wanted = None if job_ids is None else [self.job_row(conn, r).id for r in job_ids]
+            jobs = {row.id: row for row in costs.jobs_for_costs(conn, wanted, since)}
+            found = costs.usage_by_job_and_model(conn, jobs)
+        groups: dict[str | None, dict[str, Any]] = {}
+        unpriced: dict[str, None] = {}
+        for item in found:
+            job = jobs[item.job_id]
+            if by == "model":
+                group = item.model
+            elif by == "job":
+                group = item.job_id
+            else:
+                value = (job.user_metadata or {}).get(key)
+                group = None if value is None else str(value)
+            cost = prices.cost(item.model, item.usage)
+            if cost is None:
+                unpriced[item.model or "(no model)"] = None
+            line = groups.setdefault(
+                group, {"jobs": {}, "batches": 0, "usage": Usage(), "costs": [], "name": None}
+            )
+            line["jobs"][item.job_id] = None
+            line["batches"] += item.batches
+            line["usage"] += item.usage
+            line["costs"].append(cost)
+            if by == "job":
+                line["name"] = job.name
+        lines = tuple(
+            CostLine(
+                group, len(line["jobs"]), line["batches"], line["usage"],
+                sum_costs(line["costs"]), name=line["name"],
+            )
+            for group, line in groups.items()
+        )  # fmt: skip
+        when = datetime.fromtimestamp(since, UTC) if since is not None else None
+        counted = len({item.job_id for item in found})
+        return CostReport(by, key, when, lines, tuple(unpriced), jobs=counted)
 
     # -- hook deliveries --------------------------------------------------------------------
 
@@ -857,7 +1019,10 @@ class JobQueue:
             row.max_attempts, deadline, row.max_batch_requests, row.max_batch_bytes,
         )  # fmt: skip
         try:
-            job = self._submit(source, row.endpoint, options, name=name, retry_of=row.id)
+            job = self._submit(
+                source, row.endpoint, options, name=name, retry_of=row.id,
+                max_cost=self._max_cost(None),
+            )  # fmt: skip
         except BaseException:
             source.unlink(missing_ok=True)
             raise
@@ -942,11 +1107,24 @@ def _limits(options: Mapping[str, Any]) -> inputs.Limits:
     )
 
 
-def _shard_plan(endpoint: str, shard: inputs.Shard) -> ShardPlan:
-    """A shard's size and token estimate (`jobqueue.tokens`), read back from its file."""
+def _shard_plan(endpoint: str, shard: inputs.Shard, prices: PriceTable | None = None) -> ShardPlan:
+    """A shard's size and token estimate (`jobqueue.tokens`), read back from its file, and
+    with `prices` its estimated cost."""
+    input_tokens, output = _estimate_file(endpoint, shard.path)
+    cost = prices.estimate(shard.model, input_tokens, output) if prices is not None else None
+    return ShardPlan(
+        shard.index, shard.model, shard.requests, shard.bytes, input_tokens, output,
+        cost_min=cost.low if cost is not None else None,
+        cost_max=cost.high if cost is not None else None,
+    )  # fmt: skip
+
+
+def _estimate_file(endpoint: str, path: str | Path) -> tuple[int, int | None]:
+    """The estimated input tokens of a shard's requests, and the most output tokens they
+    allow (None when one sets no bound)."""
     input_tokens = 0
     output: int | None = 0
-    with open(shard.path, "rb") as f:
+    with open(path, "rb") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -956,7 +1134,7 @@ def _shard_plan(endpoint: str, shard: inputs.Shard) -> ShardPlan:
                 output = (
                     None if guess.max_output_tokens is None else output + guess.max_output_tokens
                 )
-    return ShardPlan(shard.index, shard.model, shard.requests, shard.bytes, input_tokens, output)
+    return input_tokens, output
 
 
 def _provider_class(name: str) -> Any:

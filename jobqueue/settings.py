@@ -9,6 +9,7 @@ two secrets may instead come as credentials (`LoadCredential=openai_api_key:…`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import os
@@ -16,6 +17,7 @@ import re
 import shlex
 import stat
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -29,6 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from jobqueue.core.costs import PriceTable
 from jobqueue.core.durations import parse_duration
 from jobqueue.core.paths import file_kind
 
@@ -164,7 +167,13 @@ class Settings(BaseSettings):
     # Submission.
     lease_seconds: float = Field(default=300.0, gt=0)
     token_limit_backoff: float = Field(default=300.0, gt=0)
-    enqueued_token_limit: int | None = Field(default=None, gt=0)
+    # One number for every model, or a table by model (`[enqueued_token_limit]`,
+    # `"gpt-4o-mini" = 2000000`; `"*"` for the models not named).
+    enqueued_token_limit: int | dict[str, int] | None = None
+    # Costs: prices over the packaged table (`[prices."model-name"]`, USD per million tokens of
+    # `input`, `cached_input`, `output`), and the budget a job gets unless submitted with one.
+    prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+    max_cost: float | None = Field(default=None, gt=0)
     # Batches one daemon uploads and creates at once (each under its own lease).
     submit_concurrency: int = Field(default=4, ge=1, le=64)
     # Reconcile: list pages instead of one GET per batch above this many open batches.
@@ -202,6 +211,37 @@ class Settings(BaseSettings):
     @classmethod
     def _durations(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("enqueued_token_limit", mode="after")
+    @classmethod
+    def _token_limit(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        limits = list(value.values()) if isinstance(value, dict) else [value]
+        if any(n is not None and n <= 0 for n in limits):
+            raise ValueError("an enqueued-token limit must be a positive number of tokens")
+        return value
+
+    @field_validator("prices", mode="after")
+    @classmethod
+    def _prices(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        from jobqueue.core.costs import price_of
+
+        for model, given in value.items():
+            try:
+                price_of(given, packaged_prices().price(model))
+            except ValueError as exc:
+                raise ValueError(f"prices.{model}: {exc}") from None
+        return value
+
+    def token_limit_for(self, model: str | None) -> int | None:
+        """The enqueued-token limit of `model`'s open batches (None: no limit)."""
+        limit = self.enqueued_token_limit
+        if not isinstance(limit, dict):
+            return limit
+        return limit.get(model or "", limit.get("*"))
+
+    def price_table(self) -> PriceTable:
+        """The packaged Batch API prices with the config's `[prices]` on top."""
+        return packaged_prices().merged(self.prices)
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
@@ -264,6 +304,18 @@ class Settings(BaseSettings):
 
 
 _CONFIG_PATH: dict[str, str | None] = {}
+
+
+@functools.cache
+def packaged_prices() -> PriceTable:
+    """The price table shipped in the package (`jobqueue/data/prices.toml`)."""
+    from jobqueue.core.costs import price_of
+
+    text = resources.files("jobqueue").joinpath("data/prices.toml").read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    prices = {name: price_of(entry) for name, entry in data.get("models", {}).items()}
+    return PriceTable(prices, data.get("date"), data.get("source"))
+
 
 # Credential file (systemd `LoadCredential=` id) -> the name the environment gives it.
 CREDENTIALS = {"openai_api_key": "OPENAI_API_KEY", "openai_webhook_secret": "OPENAI_WEBHOOK_SECRET"}

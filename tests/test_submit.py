@@ -166,7 +166,9 @@ def test_cli_submit_json_and_status_json(
     submitted = json.loads(out)
     assert submitted["status"] == "queued"
     assert (submitted["batches"], submitted["requests"]) == (3, 120)
-    assert set(submitted) == {"id", "short_id", "name", "status", "batches", "requests"}
+    assert set(submitted) == {
+        "id", "short_id", "name", "status", "batches", "requests", "max_cost",
+    }  # fmt: skip
     code, out, _ = _cli(capsys, db_url, "status", submitted["id"], "--json")
     assert code == 0
     status = json.loads(out)

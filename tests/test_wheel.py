@@ -75,7 +75,11 @@ def test_the_wheel_installs_and_upgrades_a_database_from_anywhere(tmp_path: Path
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
     assert {n for n in names if n.endswith(".py")} == _expected_modules()
-    assert {"jobqueue/py.typed", "jobqueue/migrations/script.py.mako"} <= names
+    assert {
+        "jobqueue/py.typed",
+        "jobqueue/migrations/script.py.mako",
+        "jobqueue/data/prices.toml",  # the packaged Batch API prices
+    } <= names
 
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)

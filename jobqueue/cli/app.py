@@ -28,6 +28,7 @@ from jobqueue.cli.options import (
     EndpointOption,
     FileArgument,
     JobArgument,
+    MaxCostOption,
     MetadataOption,
     NameOption,
     WindowOption,
@@ -35,7 +36,8 @@ from jobqueue.cli.options import (
     job_label,
     submit_options,
 )
-from jobqueue.core.records import Delivery, Event, Job, SubmitPlan
+from jobqueue.core.costs import Usage, usd
+from jobqueue.core.records import CostReport, Delivery, Event, Job, SubmitPlan
 from jobqueue.core.states import BATCH_TERMINAL
 from jobqueue.files.inputs import InputError
 from jobqueue.logs import configure_logging
@@ -165,10 +167,13 @@ def submit(
     max_batch_bytes: BatchBytesOption = None,
     name: NameOption = None,
     allow_duplicate: DuplicateOption = False,
+    max_cost: MaxCostOption = None,
     dry_run: Annotated[
         bool,
         typer.Option(
-            "--dry-run", help="Validate FILE and print the plan (batches, tokens); record nothing."
+            "--dry-run",
+            help="Validate FILE and print the plan (batches, tokens, estimated cost); record "
+            "nothing.",
         ),
     ] = False,
     as_json: JsonOption = False,
@@ -179,9 +184,11 @@ def submit(
         completion_window, metadata, max_attempts, deadline, max_batch_requests, max_batch_bytes
     )
     if dry_run:
-        _print_plan(queue.plan(file, endpoint, name=name, **options), as_json)
+        _print_plan(queue.plan(file, endpoint, name=name, max_cost=max_cost, **options), as_json)
         return
-    job = queue.submit(file, endpoint, name=name, allow_duplicate=allow_duplicate, **options)
+    job = queue.submit(
+        file, endpoint, name=name, allow_duplicate=allow_duplicate, max_cost=max_cost, **options
+    )
     if as_json:
         _print_json(
             {
@@ -191,14 +198,16 @@ def submit(
                 "status": job.status,
                 "batches": len(job.batches),
                 "requests": job.request_counts.total,
+                "max_cost": job.max_cost,
             }
         )
         return
     stdout.print(job.id)
+    budget = f", budget {usd(job.max_cost)}" if job.max_cost is not None else ""
     stderr.print(
         f"queued {job.request_counts.total:,} requests in {len(job.batches)} "
         f"batch{'es' if len(job.batches) != 1 else ''} ({_size(job.bytes)}) as job "
-        f"{job_label(job)}",
+        f"{job_label(job)}{budget}",
         markup=False,
     )
 
@@ -214,7 +223,8 @@ def _print_plan(plan: SubmitPlan, as_json: bool) -> None:
         markup=False,
     )
     table = Table(box=None, header_style="bold")
-    for column in ("BATCH", "MODEL", "REQUESTS", "BYTES", "INPUT TOKENS", "MAX OUTPUT TOKENS"):
+    columns = ("BATCH", "MODEL", "REQUESTS", "BYTES", "INPUT TOKENS", "MAX OUTPUT TOKENS", "COST")
+    for column in columns:
         table.add_column(column, justify="left" if column == "MODEL" else "right")
     for shard in plan.shards:
         table.add_row(
@@ -224,19 +234,63 @@ def _print_plan(plan: SubmitPlan, as_json: bool) -> None:
             _size(shard.bytes),
             f"~{shard.input_tokens:,}",
             "-" if shard.max_output_tokens is None else f"{shard.max_output_tokens:,}",
+            _cost_range(shard.cost_min, shard.cost_max),
         )
     stdout.print(table)
+    stdout.print()
+    by_model = Table(box=None, header_style="bold", title_justify="left")
+    for column in ("MODEL", "REQUESTS", "INPUT TOKENS", "MAX OUTPUT TOKENS", "ESTIMATED COST"):
+        by_model.add_column(column, justify="left" if column == "MODEL" else "right")
+    for model in plan.by_model:
+        by_model.add_row(
+            Text(model.model or "-"),
+            f"{model.requests:,}",
+            f"~{model.input_tokens:,}",
+            "-" if model.max_output_tokens is None else f"{model.max_output_tokens:,}",
+            _cost_range(model.cost_min, model.cost_max),
+        )
+    stdout.print(by_model)
     stdout.print(
         f"estimated input tokens ~{plan.input_tokens:,} (a heuristic: within a few % for "
         "English, ~15 % for other languages)",
         markup=False,
     )
+    stdout.print(
+        f"estimated cost {_cost_range(plan.cost_min, plan.cost_max)} at Batch API prices of "
+        f"{plan.prices_date or 'unknown date'} (from the input alone to the most output the "
+        "requests allow; '?' where some request sets no bound on its output)",
+        markup=False,
+    )
+    if plan.unpriced:
+        refuse = "; submit with a budget would refuse it" if plan.max_cost is not None else ""
+        stdout.print(
+            f"note: no price for {', '.join(plan.unpriced)}: its cost is unknown{refuse} "
+            '(add one under [prices."model-name"] in the config)',
+            markup=False,
+        )
+    if plan.max_cost is not None and plan.cost_min is not None and plan.cost_min > plan.max_cost:
+        stdout.print(
+            f"note: the budget of {usd(plan.max_cost)} is below even the input's cost: the "
+            "job would stop before its first batch",
+            markup=False,
+        )
     if plan.duplicate_of:
         stdout.print(
             f"note: job {plan.duplicate_of} for this file and options is still open; submit "
             "would refuse it without --allow-duplicate",
             markup=False,
         )
+
+
+def _cost_range(low: float | None, high: float | None) -> str:
+    """`$0.12 - $0.48`, `$0.12 - ?` (no output bound), or `unknown` (no price)."""
+    if low is None:
+        return "unknown"
+    if high is None:
+        return f"{usd(low)} - ?"
+    if high == low:
+        return usd(low)
+    return f"{usd(low)} - {usd(high)}"
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -279,12 +333,16 @@ def _jobs_table(jobs: list[Job]) -> Table | str:
     if not jobs:
         return "no jobs"
     table = Table(box=None, header_style="bold")
-    columns = ["JOB", "NAME", "STATUS", "ENDPOINT", "DONE", "FAILED", "CREATED", "SOURCE"]
+    columns = ["JOB", "NAME", "STATUS", "ENDPOINT", "DONE", "FAILED", "COST", "CREATED", "SOURCE"]
+    budgets = any(job.max_cost is not None for job in jobs)
+    if budgets:
+        columns.insert(columns.index("COST") + 1, "BUDGET")
     problems = any(job.problem and not job.done for job in jobs)
     if problems:
         columns.append("PROBLEM")
     for column in columns:
-        table.add_column(column, justify="right" if column in ("DONE", "FAILED") else "left")
+        right = column in ("DONE", "FAILED", "COST", "BUDGET")
+        table.add_column(column, justify="right" if right else "left")
     for job in jobs:
         counts = job.request_counts
         row: list[Any] = [
@@ -294,6 +352,8 @@ def _jobs_table(jobs: list[Job]) -> Table | str:
             job.endpoint,
             f"{counts.done:,}/{counts.total:,}",
             f"{counts.failed:,}",
+            _cost_text(job.usage, job.cost),
+            *([usd(job.max_cost) if job.max_cost is not None else "-"] if budgets else []),
             job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             Text(Path(job.source).name),
         ]
@@ -320,6 +380,16 @@ def _print_job(job: Job) -> None:
         f"  requests   {counts.total:,} total, {counts.completed:,} succeeded, "
         f"{counts.failed:,} failed"
     )
+    usage = job.usage
+    if usage is not None:
+        stdout.print(f"  tokens     {_tokens_text(usage)}", markup=False)
+    collected = " (batches collected so far)" if not job.done and usage is not None else ""
+    stdout.print(f"  cost       {_cost_text(usage, job.cost)}{collected}", markup=False)
+    if len(job.cost_by_model) > 1:
+        for model, cost in job.cost_by_model.items():
+            stdout.print(f"             {model or '-'}: {usd(cost)}", markup=False)
+    if job.max_cost is not None:
+        stdout.print(f"  budget     {usd(job.max_cost)}", markup=False)
     stdout.print(f"  created    {job.created_at:%Y-%m-%d %H:%M:%S %Z}")
     if job.deadline_at:
         stdout.print(f"  deadline   {job.deadline_at:%Y-%m-%d %H:%M:%S %Z}")
@@ -332,7 +402,8 @@ def _print_job(job: Job) -> None:
     if not job.batches:
         return
     table = Table(box=None, header_style="bold")
-    for column in ("BATCH", "REMOTE", "STATUS", "ATTEMPT", "REQUESTS", "OK", "FAILED", "MODEL"):
+    columns = ("BATCH", "REMOTE", "STATUS", "ATTEMPT", "REQUESTS", "OK", "FAILED", "MODEL")
+    for column in (*columns, "TOKENS IN/OUT", "COST"):
         table.add_column(column)
     for batch in job.batches:
         bc = batch.request_counts
@@ -345,9 +416,25 @@ def _print_job(job: Job) -> None:
             f"{bc.completed:,}",
             f"{bc.failed:,}",
             batch.model or "-",
+            "-"
+            if batch.usage is None
+            else f"{batch.usage.input_tokens:,}/{batch.usage.output_tokens:,}",
+            _cost_text(batch.usage, batch.cost),
         )
     stdout.print()
     stdout.print(table)
+
+
+def _cost_text(usage: Usage | None, cost: float | None) -> str:
+    """`-` while nothing is collected, else the cost (`unknown` for a model without a price)."""
+    return "-" if usage is None else usd(cost)
+
+
+def _tokens_text(usage: Usage) -> str:
+    return (
+        f"{usage.input_tokens:,} input ({usage.cached_input_tokens:,} cached), "
+        f"{usage.output_tokens:,} output ({usage.reasoning_tokens:,} reasoning)"
+    )
 
 
 _STATUS_STYLE = {
@@ -445,6 +532,167 @@ def retry(
         f"{job_label(job)}",
         markup=False,
     )
+
+
+@app.command()
+def budget(
+    ctx: typer.Context,
+    job_id: JobArgument,
+    usd_amount: Annotated[
+        str,
+        typer.Argument(
+            metavar="USD", help="The job's new budget in USD, or 'none' to take it off."
+        ),
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Set an open job's budget: a job the budget stopped goes on once the new one allows its
+    next batch (a daemon, or `jobqueue run`, submits it)."""
+    value: float | None
+    if usd_amount.strip().lower() == "none":
+        value = None
+    else:
+        try:
+            value = float(usd_amount.strip().removeprefix("$"))
+        except ValueError:
+            raise typer.BadParameter(
+                f"expected an amount of USD (e.g. 12.50) or 'none', not {usd_amount!r}",
+                param_hint="USD",
+            ) from None
+        if not value > 0 or value == float("inf"):
+            raise typer.BadParameter("the budget must be more than 0 USD", param_hint="USD")
+    job = _state(ctx).queue().set_budget(job_id, value)
+    if as_json:
+        _print_json(job.to_dict())
+        return
+    spent = _cost_text(job.usage, job.cost)
+    stdout.print(
+        f"job {job_label(job)}: budget {usd(job.max_cost) if value is not None else 'none'} "
+        f"(spent so far {spent})",
+        markup=False,
+    )
+
+
+@app.command()
+def cost(
+    ctx: typer.Context,
+    job_ids: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[JOB]...",
+            help="Only these jobs (ids, names or prefixes). [default: every job]",
+            autocompletion=complete_job,
+            show_default=False,
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            metavar="DATE",
+            help="Only jobs created since DATE: 2026-11-01, 2026-11-01T12:00 (UTC unless it "
+            "says), or a duration ago (7d, 12h).",
+            show_default=False,
+        ),
+    ] = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            metavar="model|job|metadata KEY",
+            help="Sum by model, by job, or by the value of a metadata key (`--by metadata "
+            "team`, or `--by metadata=team`).",
+        ),
+    ] = "model",
+    as_json: JsonOption = False,
+) -> None:
+    """What jobs cost: the tokens of their collected batches at Batch API prices, summed.
+
+    A model without a price shows its cost as unknown, never as 0.
+    """
+    args = list(job_ids or [])
+    group, sep, key = by.replace(":", "=", 1).partition("=")
+    if group == "metadata" and not sep:
+        if not args:
+            raise typer.BadParameter(
+                "--by metadata needs a KEY: --by metadata team", param_hint="--by"
+            )
+        key = args.pop(0)
+    elif group != "metadata" and sep:
+        raise typer.BadParameter(f"--by {group} takes no KEY", param_hint="--by")
+    if group not in ("model", "job", "metadata"):
+        raise typer.BadParameter(
+            f"expected model, job or metadata KEY, not {by!r}", param_hint="--by"
+        )
+    report = (
+        _state(ctx)
+        .queue()
+        .cost_report(
+            args or None,
+            since=_since(since) if since is not None else None,
+            by=group,
+            key=key if group == "metadata" else None,
+        )
+    )
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    _print_costs(report)
+
+
+def _since(text: str) -> float:
+    """`--since`: an ISO date or time (UTC unless it names a zone), or a duration ago."""
+    import time
+    from datetime import UTC, datetime
+
+    from jobqueue.core.durations import parse_duration
+
+    raw = text.strip()
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        try:
+            return time.time() - parse_duration(raw)
+        except ValueError:
+            raise typer.BadParameter(
+                f"expected a date (2026-11-01), a time (2026-11-01T12:00) or a duration ago "
+                f"(7d), not {text!r}",
+                param_hint="--since",
+            ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _print_costs(report: CostReport) -> None:
+    if not report.lines:
+        stdout.print("no collected usage" + (" since then" if report.since else ""))
+        return
+    heading = {"model": "MODEL", "job": "JOB", "metadata": (report.key or "").upper()}
+    table = Table(box=None, header_style="bold")
+    columns = [heading[report.by], "JOBS", "BATCHES", "INPUT", "CACHED", "OUTPUT", "REASONING"]
+    for column in (*columns, "COST"):
+        table.add_column(column, justify="left" if column == columns[0] else "right")
+
+    def row(label: str, jobs: int, batches: int, usage: Usage, amount: float | None) -> list[Any]:
+        return [
+            Text(label), f"{jobs:,}", f"{batches:,}", f"{usage.input_tokens:,}",
+            f"{usage.cached_input_tokens:,}", f"{usage.output_tokens:,}",
+            f"{usage.reasoning_tokens:,}", usd(amount),
+        ]  # fmt: skip
+
+    for line in report.lines:
+        label = line.key if line.key is not None else "-"
+        if line.name:
+            label = f"{label} ({line.name})"
+        table.add_row(*row(label, line.jobs, line.batches, line.usage, line.cost))
+    batches = sum(line.batches for line in report.lines)
+    table.add_row(*row("total", report.jobs, batches, report.usage, report.cost), style="bold")
+    stdout.print(table)
+    if report.unpriced:
+        stdout.print(
+            f"no price for {', '.join(report.unpriced)}: its cost is unknown "
+            '(add one under [prices."model-name"] in the config)',
+            markup=False,
+        )
 
 
 @app.command()

@@ -83,6 +83,16 @@ NameOption = Annotated[
     str | None,
     typer.Option("--name", help="Name the job: it can be found by this name.", show_default=False),
 ]
+MaxCostOption = Annotated[
+    float | None,
+    typer.Option(
+        "--max-cost",
+        metavar="USD",
+        help="The job's budget in USD: no batch is submitted past it (raise it with `jobqueue "
+        "budget`). [default: the config's max_cost, else none]",
+        show_default=False,
+    ),
+]
 DuplicateOption = Annotated[
     bool,
     typer.Option(

@@ -37,6 +37,7 @@ from jobqueue.cli.options import (
     EndpointOption,
     FileArgument,
     JobArgument,
+    MaxCostOption,
     MetadataOption,
     NameOption,
     WindowOption,
@@ -278,6 +279,7 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
         max_batch_requests: BatchRequestsOption = None,
         max_batch_bytes: BatchBytesOption = None,
         name: NameOption = None,
+        max_cost: MaxCostOption = None,
         allow_duplicate: Annotated[
             bool,
             typer.Option(
@@ -296,7 +298,8 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
 
         Run again after a crash or Ctrl-C, it finds its job (by the file's content and the
         options) and goes on with it instead of making a second one; once the job has ended it
-        writes its results again. Exit codes as `run --until-done`.
+        writes its results again; a --max-cost other than its budget becomes its budget (a job
+        its budget stopped goes on under a higher one). Exit codes as `run --until-done`.
         """
         queue: JobQueue = queue_of(ctx)
         options = submit_options(
@@ -310,10 +313,14 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
                 f"{'writing its results' if job.done else 'going on with it'}",
                 markup=False,
             )
+            if not job.done and max_cost is not None and max_cost != job.max_cost:
+                job = queue.set_budget(job.id, max_cost)
+                stderr.print(f"its budget is now ${max_cost:,.2f}", markup=False)
         else:
             job = queue.submit(
-                file, endpoint, name=name, allow_duplicate=allow_duplicate, **options
-            )
+                file, endpoint, name=name, allow_duplicate=allow_duplicate, max_cost=max_cost,
+                **options,
+            )  # fmt: skip
             stderr.print(
                 f"queued {job.request_counts.total:,} requests in {len(job.batches)} "
                 f"batch{'es' if len(job.batches) != 1 else ''} as job {job_label(job)}",

@@ -22,10 +22,13 @@ class ProblemKind(StrEnum):
     UNAVAILABLE = "unavailable"  # timeouts, refused connections, 5xx, 429 rate limits
     TOKEN_LIMIT = "token_limit"  # the enqueued-token limit: waits for running batches
     REFUSED = "refused"  # any other refusal
+    BUDGET = "budget"  # the job's budget (`max_cost`) would be exceeded: raise it
 
 
 # Kinds that do not pass by themselves: a one-shot run stops on them rather than wait for ever.
-NEEDS_OPERATOR = frozenset({ProblemKind.CREDENTIALS, ProblemKind.PERMISSION, ProblemKind.QUOTA})
+NEEDS_OPERATOR = frozenset(
+    {ProblemKind.CREDENTIALS, ProblemKind.PERMISSION, ProblemKind.QUOTA, ProblemKind.BUDGET}
+)
 
 
 class ProblemSource(StrEnum):
@@ -34,6 +37,7 @@ class ProblemSource(StrEnum):
 
     SUBMIT = "submit"
     REFRESH = "refresh"
+    BUDGET = "budget"  # the submit duty's budget check: cleared when the budget is raised
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,23 @@ def token_limit_problem(retry_in: float) -> Problem:
         ProblemKind.TOKEN_LIMIT,
         f"the remote's enqueued-token limit is reached: waiting {_seconds(retry_in)} for "
         "running batches to finish",
+    )
+
+
+def budget_problem(max_cost: float, next_batch: float | None, unpriced: tuple[str, ...]) -> Problem:
+    """The problem of a job whose next batch would take it past its budget (or whose cost
+    cannot be known: a model without a price)."""
+    if unpriced:
+        return Problem(
+            ProblemKind.BUDGET,
+            f"cannot keep the budget of ${max_cost:,.2f}: no price for {', '.join(unpriced)} "
+            '(add one under [prices."model-name"] in the config)',
+        )
+    estimate = f" (~${next_batch:,.4f})" if next_batch is not None else ""
+    return Problem(
+        ProblemKind.BUDGET,
+        f"the budget of ${max_cost:,.2f} is reached: the next batch{estimate} would exceed it; "
+        "raise it with `jobqueue budget JOB USD`",
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from jobqueue.core.costs import PriceTable, Usage, round_usd, sum_costs
 from jobqueue.core.states import JOB_TERMINAL
 from jobqueue.core.times import iso
 
@@ -62,6 +63,16 @@ class Batch:
     last_error: str | None
     cancel_requested: bool
     times: dict[str, datetime | None] = field(default_factory=dict)
+    # Tokens summed over the batch's responses when it was collected (None until then), what
+    # they cost at the price table's prices (None: not collected, or the model has no price),
+    # and the estimate it was queued with: input tokens, and the most output tokens its
+    # requests allow (None: some request sets no bound).
+    usage: Usage | None = None
+    cost: float | None = None
+    estimated_input_tokens: int = 0
+    max_output_tokens: int | None = None
+    # The remote batch object's own usage, as it reported it (None: it reported none).
+    remote_usage: Usage | None = None
 
     @property
     def created_at(self) -> datetime:
@@ -70,7 +81,8 @@ class Batch:
         return created
 
     @classmethod
-    def from_row(cls, row: Any) -> Batch:
+    def from_row(cls, row: Any, prices: PriceTable | None = None) -> Batch:
+        usage = Usage.of_row(row)
         return cls(
             id=row.id,
             job_id=row.job_id,
@@ -88,6 +100,11 @@ class Batch:
             last_error=row.last_error,
             cancel_requested=bool(row.cancel_requested),
             times={name: _dt(getattr(row, name)) for name in _BATCH_TIMES},
+            usage=usage,
+            cost=prices.cost(row.model, usage) if prices is not None else None,
+            estimated_input_tokens=int(row.estimated_tokens or 0),
+            max_output_tokens=row.max_output_tokens,
+            remote_usage=Usage.of_remote(row.usage),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +120,11 @@ class Batch:
             "output_file_id": self.output_file_id,
             "error_file_id": self.error_file_id,
             "last_error": self.last_error,
+            "usage": self.usage.to_dict() if self.usage is not None else None,
+            "cost": round_usd(self.cost),
+            "remote_usage": self.remote_usage.to_dict() if self.remote_usage else None,
+            "estimated_input_tokens": self.estimated_input_tokens,
+            "max_output_tokens": self.max_output_tokens,
             **{name: _iso(value) for name, value in self.times.items()},
         }
 
@@ -138,6 +160,30 @@ class Job:
     retry_of: str | None = None
     # The shortest unique form of the id to show and type (set by `JobQueue.get` and `jobs`).
     short_id: str | None = None
+    # Tokens of the batches collected so far, by model (None for a model: none collected with
+    # its usage yet), and what they cost (`cost`: None while nothing is collected, or when a
+    # model has no price); the job's budget in USD (None: none).
+    usage_by_model: dict[str | None, Usage] = field(default_factory=dict)
+    cost_by_model: dict[str | None, float | None] = field(default_factory=dict)
+    max_cost: float | None = None
+
+    @property
+    def usage(self) -> Usage | None:
+        """The tokens of every batch collected so far, summed; None while none is."""
+        if not self.usage_by_model:
+            return None
+        total = Usage()
+        for usage in self.usage_by_model.values():
+            total = total + usage
+        return total
+
+    @property
+    def cost(self) -> float | None:
+        """What the batches collected so far cost; None while none is, or when a model of
+        theirs has no price (unknown, never 0)."""
+        if not self.cost_by_model:
+            return None
+        return sum_costs(self.cost_by_model.values())
 
     @property
     def done(self) -> bool:
@@ -163,7 +209,23 @@ class Job:
         return RequestCounts(self.request_counts.total, completed, failed)
 
     @classmethod
-    def from_row(cls, row: Any, batches: list[Any] | None = None) -> Job:
+    def from_row(
+        cls,
+        row: Any,
+        batches: list[Any] | None = None,
+        *,
+        prices: PriceTable | None = None,
+        usage: dict[str | None, Usage] | None = None,
+    ) -> Job:
+        """The job of a row; with `prices`, its cost from `usage` (model -> collected tokens),
+        or from its batches' usage when not given."""
+        if usage is None:
+            usage = {}
+            for b in batches or ():
+                found = Usage.of_row(b)
+                if found is not None:
+                    usage[b.model] = usage.get(b.model, Usage()) + found
+        costs = {m: prices.cost(m, u) for m, u in usage.items()} if prices is not None else {}
         return cls(
             id=row.id,
             status=row.status,
@@ -183,15 +245,19 @@ class Job:
             finished_at=_dt(row.finished_at),
             deadline_at=_dt(row.deadline_at),
             purged_at=_dt(row.purged_at),
-            batches=tuple(Batch.from_row(b) for b in batches or ()),
+            batches=tuple(Batch.from_row(b, prices) for b in batches or ()),
             name=row.name,
             problem=row.problem,
             problem_kind=row.problem_kind,
             problem_at=_dt(row.problem_at),
             retry_of=row.retry_of,
+            usage_by_model=usage,
+            cost_by_model=costs,
+            max_cost=row.max_cost,
         )
 
     def to_dict(self) -> dict[str, Any]:
+        usage = self.usage
         return {
             "id": self.id,
             "short_id": self.short_id,
@@ -214,6 +280,13 @@ class Job:
             "bytes": self.bytes,
             "error": self.error,
             "request_counts": self.request_counts.to_dict(),
+            "usage": usage.to_dict() if usage is not None else None,
+            "cost": round_usd(self.cost),
+            "max_cost": self.max_cost,
+            "usage_by_model": [
+                {"model": model, **u.to_dict(), "cost": round_usd(self.cost_by_model.get(model))}
+                for model, u in self.usage_by_model.items()
+            ],
             "batches": [b.to_dict() for b in self.batches],
         }
 
@@ -268,6 +341,10 @@ class ShardPlan:
     bytes: int
     input_tokens: int
     max_output_tokens: int | None  # None when some request sets no bound
+    # The estimated cost at the price table's prices: input only, and with the most output
+    # tokens (None: no bound, or no price for the model; `cost_min` None: no price).
+    cost_min: float | None = None
+    cost_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -277,6 +354,28 @@ class ShardPlan:
             "bytes": self.bytes,
             "input_tokens": self.input_tokens,
             "max_output_tokens": self.max_output_tokens,
+            "cost": {"min": round_usd(self.cost_min), "max": round_usd(self.cost_max)},
+        }
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A submit's estimate for one model: its shards' totals."""
+
+    model: str | None
+    requests: int
+    input_tokens: int
+    max_output_tokens: int | None
+    cost_min: float | None
+    cost_max: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "max_output_tokens": self.max_output_tokens,
+            "cost": {"min": round_usd(self.cost_min), "max": round_usd(self.cost_max)},
         }
 
 
@@ -289,6 +388,43 @@ class SubmitPlan:
     options: dict[str, Any]
     shards: tuple[ShardPlan, ...]
     duplicate_of: str | None = None  # an open job for the same file and options
+    # The price table's date and source, and the budget the job would get.
+    prices_date: str | None = None
+    prices_source: str | None = None
+    max_cost: float | None = None
+
+    @property
+    def by_model(self) -> tuple[ModelPlan, ...]:
+        """The shards' estimates summed by model, in first-appearance order."""
+        grouped: dict[str | None, list[ShardPlan]] = {}
+        for shard in self.shards:
+            grouped.setdefault(shard.model, []).append(shard)
+        return tuple(
+            ModelPlan(
+                model,
+                sum(s.requests for s in shards),
+                sum(s.input_tokens for s in shards),
+                _total(s.max_output_tokens for s in shards),
+                sum_costs(s.cost_min for s in shards),
+                sum_costs(s.cost_max for s in shards),
+            )
+            for model, shards in grouped.items()
+        )
+
+    @property
+    def cost_min(self) -> float | None:
+        return sum_costs(s.cost_min for s in self.shards)
+
+    @property
+    def cost_max(self) -> float | None:
+        return sum_costs(s.cost_max for s in self.shards)
+
+    @property
+    def unpriced(self) -> tuple[str, ...]:
+        """Models without a price (their cost is unknown)."""
+        return tuple(
+            dict.fromkeys(s.model or "(no model)" for s in self.shards if s.cost_min is None)
+        )
 
     @property
     def requests(self) -> int:
@@ -311,9 +447,25 @@ class SubmitPlan:
             "requests": self.requests,
             "bytes": self.bytes,
             "input_tokens": self.input_tokens,
+            "max_output_tokens": _total(s.max_output_tokens for s in self.shards),
+            "cost": {"min": round_usd(self.cost_min), "max": round_usd(self.cost_max)},
+            "unpriced_models": list(self.unpriced),
+            "max_cost": self.max_cost,
+            "prices": {"date": self.prices_date, "source": self.prices_source},
+            "by_model": [m.to_dict() for m in self.by_model],
             "duplicate_of": self.duplicate_of,
             "shards": [s.to_dict() for s in self.shards],
         }
+
+
+def _total(values: Any) -> int | None:
+    """The sum of some bounds; None (unbounded) when any is."""
+    total = 0
+    for value in values:
+        if value is None:
+            return None
+        total += value
+    return total
 
 
 @dataclass(frozen=True)
@@ -416,3 +568,61 @@ class Delivery:
 
 def _iso(value: datetime | None) -> str | None:
     return iso(value.timestamp()) if value is not None else None
+
+
+@dataclass(frozen=True)
+class CostLine:
+    """One group of a cost report: its key (a model, a job id, a metadata value; None for
+    none), the jobs and collected batches in it, their tokens and what they cost (None: some
+    model of theirs has no price)."""
+
+    key: str | None
+    jobs: int
+    batches: int
+    usage: Usage
+    cost: float | None
+    name: str | None = None  # by job: the job's name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "name": self.name,
+            "jobs": self.jobs,
+            "batches": self.batches,
+            **self.usage.to_dict(),
+            "cost": round_usd(self.cost),
+        }
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """What jobs cost (`jobqueue cost`): their collected usage priced, grouped `by` model, job
+    or the value of metadata key `key`."""
+
+    by: str
+    key: str | None
+    since: datetime | None
+    lines: tuple[CostLine, ...]
+    unpriced: tuple[str, ...] = ()
+    jobs: int = 0  # jobs with collected usage, across the lines
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for line in self.lines:
+            total = total + line.usage
+        return total
+
+    @property
+    def cost(self) -> float | None:
+        return sum_costs(line.cost for line in self.lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "by": self.by,
+            "metadata_key": self.key,
+            "since": _iso(self.since),
+            "lines": [line.to_dict() for line in self.lines],
+            "total": {"jobs": self.jobs, **self.usage.to_dict(), "cost": round_usd(self.cost)},
+            "unpriced_models": list(self.unpriced),
+        }

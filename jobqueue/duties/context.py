@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobqueue.core.costs import PriceTable
 from jobqueue.core.ids import new_id
 from jobqueue.remote.base import Provider
 from jobqueue.settings import Settings
@@ -79,6 +80,14 @@ class DutyContext:
     _count_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
+
+    @property
+    def prices(self) -> PriceTable:
+        """The price table of the settings (the packaged one with the config's `[prices]`)."""
+        found = self.memo.get("prices")
+        if found is None:
+            found = self.memo["prices"] = self.settings.price_table()
+        return found  # type: ignore[no-any-return]
 
     def may_claim(self) -> bool:
         """Whether the duties may claim new work now: always, unless our heartbeat is stale."""

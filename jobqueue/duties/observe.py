@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from jobqueue.core.backoff import backoff
+from jobqueue.core.costs import Usage, usage_data
 from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
 from jobqueue.core.problems import ProblemSource, remote_problem, token_limit_problem
 from jobqueue.core.states import (
@@ -238,8 +239,9 @@ def apply_observation(ctx: DutyContext, conn: Connection, row: Row, remote: Remo
     at = getattr(remote, BATCH_TIME_COLUMN.get(BatchStatus(dest), ""), None)
     try:
         moved = ctx.store.transition_batch(
-            conn, row.id, row.status, dest, values=values, at=float(at) if at else None, now=now
-        )
+            conn, row.id, row.status, dest, values=values, at=float(at) if at else None,
+            now=now, data=remote_usage_data(ctx, row, remote) if dest in BATCH_TERMINAL else None,
+        )  # fmt: skip
     except IllegalTransition:
         ctx.count("refused_transitions")
         return False
@@ -265,6 +267,15 @@ def _moved(ctx: DutyContext, conn: Connection, row: Row, remote: RemoteBatch) ->
             transient=False, action="run a batch",
         )  # fmt: skip
         problems.report(ctx, row.job_id, problem, ProblemSource.SUBMIT, conn, batch_id=row.id)
+
+
+def remote_usage_data(ctx: DutyContext, row: Row, remote: RemoteBatch) -> dict[str, Any]:
+    """The usage part of a terminal batch event: when it ends, only the remote batch object's
+    own `usage` is known (the responses' are summed when it is collected, and the job's end
+    event carries those), so the event has that and what it costs."""
+    found = Usage.of_remote(remote.usage)
+    by_model = {row.model: found} if found is not None else {}
+    return usage_data(ctx.prices, by_model, "remote")
 
 
 def _requeue_for_token_limit(

@@ -28,7 +28,7 @@ from pathlib import Path
 from jobqueue.core.backoff import backoff
 from jobqueue.core.problems import ProblemSource
 from jobqueue.core.states import BatchStatus
-from jobqueue.duties import problems
+from jobqueue.duties import budget, problems
 from jobqueue.duties.context import DutyContext
 from jobqueue.duties.observe import adopt_remote
 from jobqueue.duties.owners import live_owners
@@ -123,7 +123,7 @@ def claim_next(ctx: DutyContext, skip: Collection[str] = ()) -> tuple[Row, Lease
     if not ctx.may_claim():
         return None
     store, now = ctx.store, ctx.clock()
-    limit = ctx.settings.enqueued_token_limit
+    limited = ctx.settings.enqueued_token_limit is not None
     with store.write() as conn:
         if limit:
             coordination.serialize_claims(conn)  # the budget holds across daemons too
@@ -134,13 +134,16 @@ def claim_next(ctx: DutyContext, skip: Collection[str] = ()) -> tuple[Row, Lease
         ]
         if not candidates:
             return None
-        open_tokens = store.open_tokens_by_model(conn) if limit else {}
+        open_tokens = store.open_tokens_by_model(conn) if limited else {}
         for row in candidates:
+            limit = ctx.settings.token_limit_for(row.model)
             if limit:
                 in_flight = open_tokens.get(row.model, 0)
                 # A batch bigger than the whole budget still goes alone, else it would never go.
                 if in_flight and in_flight + row.estimated_tokens > limit:
                     continue
+            if not budget.allows(ctx, conn, row):  # the job's max_cost, see duties.budget
+                continue
             taken = batches.claim_queued(
                 store, conn, row, owner=ctx.owner, now=now, lease_seconds=ctx.settings.lease_seconds
             )

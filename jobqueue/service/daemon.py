@@ -42,7 +42,7 @@ from jobqueue.service.leadership import Leadership
 from jobqueue.service.sdnotify import notify, watchdog_interval
 from jobqueue.service.wakeups import Listener
 from jobqueue.settings import Settings
-from jobqueue.store import Store
+from jobqueue.store import Store, costs
 from jobqueue.store.coordination import (
     DaemonAlreadyRunning,
     SqliteDaemonLock,
@@ -107,6 +107,7 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.store = store
+        costs.use_prices(store, settings.price_table())  # what its events are priced with
         self.provider = provider or make_provider(settings)
         self._own_provider = provider is None
         self.ctx = DutyContext(

@@ -37,12 +37,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from jobqueue.core.costs import PriceTable, Usage
 from jobqueue.core.states import BATCH_MACHINE, BatchStatus, JobStatus
 from jobqueue.duties.webhook import reconcile_batch_by_remote_id
 from jobqueue.hooks.signing import DEFAULT_TOLERANCE, WebhookVerificationError, verify
 from jobqueue.httpserver import BackgroundServer, ListenError, bind_socket
 from jobqueue.logs import get_logger
 from jobqueue.settings import ConfigError, parse_listen_address
+from jobqueue.store import costs
 from jobqueue.store.metrics import MetricCounts, counts_for_metrics
 
 if TYPE_CHECKING:
@@ -238,6 +240,7 @@ class MetricsCollector(Collector):
         store = self.daemon.store
         with store.read() as conn:
             counts = counts_for_metrics(conn, [sink.name for sink in self.daemon.sinks])
+            usage = costs.usage_by_model(conn)
         jobs, batches = counts.jobs, counts.batches
         g = GaugeMetricFamily("jobqueue_jobs", "Jobs by status.", labels=["status"])
         for job_status in JobStatus:
@@ -253,6 +256,7 @@ class MetricsCollector(Collector):
         g.add_metric(["failed"], failed)
         g.add_metric(["pending"], counts.requests_total - succeeded - failed)
         yield g
+        yield from _usage_metrics(usage, self.daemon.ctx.prices)
         for name, help_text, value in _delivery_counts(counts):
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], value)
@@ -302,6 +306,30 @@ class MetricsCollector(Collector):
             errors.add_metric([duty], state["errors"])
         yield runs
         yield errors
+
+
+def _usage_metrics(usage: dict[str | None, Usage], prices: PriceTable) -> Iterator[Any]:
+    """Tokens of the collected batches by model and kind, and what they cost by model (a model
+    without a price has no cost series: unknown, never 0)."""
+    tokens = CounterMetricFamily(
+        "jobqueue_tokens",
+        "Tokens of collected batches, by model and kind (input includes cached_input, output "
+        "includes reasoning).",
+        labels=["model", "kind"],
+    )
+    cost = CounterMetricFamily(
+        "jobqueue_cost_usd",
+        "What collected batches cost at Batch API prices, by model (models with a price).",
+        labels=["model"],
+    )
+    for model, found in sorted(usage.items(), key=lambda item: item[0] or ""):
+        for kind, value in found.to_dict().items():
+            tokens.add_metric([model or "", kind.removesuffix("_tokens")], float(value))
+        amount = prices.cost(model, found)
+        if amount is not None:
+            cost.add_metric([model or ""], amount)
+    yield tokens
+    yield cost
 
 
 def _delivery_counts(counts: MetricCounts) -> list[tuple[str, str, int]]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 
 from jobqueue.core.lifecycle import job_end_status
+from jobqueue.core.problems import ProblemKind
 from jobqueue.core.states import BATCH_TERMINAL, BatchStatus, JobStatus
 from jobqueue.logs import get_logger
 from jobqueue.store import Connection, Store
 from jobqueue.store.batches import cancel_queued, request_remote_cancel
+from jobqueue.store.costs import job_usage_data, release_holds
 from jobqueue.store.jobs import mark_cancel_requested
 from jobqueue.store.problems import problem_values_cleared
 from jobqueue.store.requests import count_pending
@@ -54,6 +56,8 @@ def settle_job(
     job = store.get_job(conn, job_id)
     if job is None or job.status not in (J.QUEUED, J.RUNNING):
         return None
+    if job.problem_kind == ProblemKind.BUDGET:
+        release_holds(conn, job_id)  # a batch was collected: its usage may leave room now
     if store.unsettled_batches(conn, job_id):
         return None
     if count_pending(conn, job_id):
@@ -71,7 +75,11 @@ def settle_job(
     values: dict[str, object] = problem_values_cleared()  # an ended job is not stuck
     if dest == J.FAILED and not job.error:
         values["error"] = next((b.last_error for b in batches if b.last_error), None)
-    row = store.transition_job(conn, job_id, job.status, dest, values=values, now=now)
+    # Every batch is collected by now: the event carries the job's tokens and their cost.
+    usage = job_usage_data(store, conn, job_id)
+    if job.max_cost is not None:
+        usage["max_cost"] = job.max_cost
+    row = store.transition_job(conn, job_id, job.status, dest, values=values, data=usage, now=now)
     if row is None:
         return None
     log.info(

@@ -81,6 +81,10 @@ class JobRow(SQLModel, table=True):
     problem_kind: str | None = Field(default=None, max_length=16)
     problem_source: str | None = Field(default=None, max_length=16)
     problem_at: float | None = None
+    # The job's budget in USD (None: none), and when `job.budget_exceeded` was written for it
+    # (None: not since the budget was last set).
+    max_cost: float | None = None
+    budget_exceeded_at: float | None = None
 
 
 class BatchRow(SQLModel, table=True):
@@ -104,6 +108,9 @@ class BatchRow(SQLModel, table=True):
     estimated_tokens: int = Field(
         default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0")
     )
+    # The most output tokens the batch's requests may be billed for (None: some request sets
+    # no bound). Priced with `estimated_tokens` for what is in flight under a budget.
+    max_output_tokens: int | None = Field(default=None, sa_column=Column(BigInteger))
     remote_id: str | None = Field(default=None, unique=True, max_length=128)
     input_file_id: str | None = Field(default=None, max_length=128)
     output_file_id: str | None = Field(default=None, max_length=128)
