@@ -125,7 +125,7 @@ def claim_next(ctx: DutyContext, skip: Collection[str] = ()) -> tuple[Row, Lease
     store, now = ctx.store, ctx.clock()
     limited = ctx.settings.enqueued_token_limit is not None
     with store.write() as conn:
-        if limit:
+        if limited:
             coordination.serialize_claims(conn)  # the budget holds across daemons too
         candidates = [
             row

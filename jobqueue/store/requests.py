@@ -162,9 +162,17 @@ def pending_of_batch(
     """The pending requests batch `batch_id` of the job holds, as (custom_id, position,
     batch_number, attempt), read from the cursor as they come (a retry of many requests keeps
     no row objects)."""
-    r, b = requests_table, batches_table
+    r, b, o = requests_table, batches_table, outcomes_table
     columns = (r.c.custom_id, r.c.position, r.c.batch_number, r.c.attempt)
-    query = _pending_of_job(select(*columns), job_id).where(b.c.id == batch_id)
+    query = (
+        select(*columns)
+        .select_from(r)
+        .join(b, and_(b.c.job_id == job_id, b.c.number == r.c.batch_number))
+        .outerjoin(o, _outcome_of())
+        .where(r.c.job_number == job_number_of(job_id), o.c.outcome.is_(None))
+        .where(b.c.id == batch_id)
+        .order_by(r.c.position)
+    )
     return ((custom, pos, number, attempt) for custom, pos, number, attempt in conn.execute(query))
 
 
