@@ -197,7 +197,14 @@ def apply_observations(
             continue
         at = getattr(remote, BATCH_TIME_COLUMN.get(BatchStatus(dest), ""), None)
         changes.append(
-            BatchChange(row.id, row.status, dest, values=values, at=float(at) if at else None)
+            BatchChange(
+                row.id,
+                row.status,
+                dest,
+                values=values,
+                at=float(at) if at else None,
+                data=remote_usage_data(ctx, row, remote) if dest in BATCH_TERMINAL else None,
+            )
         )
         changing.append((row, remote))
     batches.record_observed_many(conn, observed)

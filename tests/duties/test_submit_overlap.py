@@ -73,7 +73,7 @@ def test_uploads_and_creates_overlap_up_to_the_concurrency(make_world: Callable)
 def test_concurrent_claims_never_enqueue_more_than_the_budget(make_world: Callable) -> None:
     """Room for two shards: two are uploaded at once (a barrier proves it), the third stays
     queued, and at every upload the tokens of the open batches are within the limit."""
-    probe = make_world()
+    probe = make_world(enqueued_token_limit=10**12)  # estimates depend on a limit being set
     probe_job = probe.submit(50, max_batch_requests=10)
     tokens = max(probe.row(b).estimated_tokens for b in _batches(probe, probe_job.id))
     probe.jq.cancel(probe_job.id)
@@ -186,7 +186,7 @@ def test_two_daemons_claims_are_ordered_so_the_budget_holds(make_world: Callable
     """Room for one shard. Daemon two claims one in a transaction still open when daemon one
     comes to claim: one waits for it (the claim lock), then counts two's batch and claims
     nothing, instead of both counting an empty budget."""
-    probe = make_world()
+    probe = make_world(enqueued_token_limit=10**12)  # estimates depend on a limit being set
     if probe.store.dialect != "postgresql":
         pytest.skip("on SQLite the write lock already orders every writer")
     probe_job = probe.submit(20, max_batch_requests=10)
