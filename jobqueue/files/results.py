@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -224,31 +224,19 @@ def scan_line_tokens(
     return (line["custom_id"], *classify(line), tokens_of(body))
 
 
-def _scan(path: Path) -> Iterator[tuple[str, bool, int | None, str | None, int, int]]:
-    """(custom_id, succeeded, status_code, error_code, offset, length) of every line."""
+def _scan(
+    path: Path, scan: Callable[[bytes], tuple[Any, ...] | None] | None = None
+) -> Iterator[tuple[Any, ...]]:
+    """What `scan` (default `scan_line`: custom_id, succeeded, status_code, error_code) finds
+    on every line, with the line's offset and length appended."""
+    scan = scan or scan_line
     offset = 0
     with path.open("rb", buffering=1 << 20) as f:
         for raw in f:
             length = len(raw)
             stripped = raw.strip()
             if stripped:
-                found = scan_line(stripped)
-                if found is not None:
-                    yield (*found, offset, length)
-            offset += length
-
-
-def _scan_tokens(
-    path: Path,
-) -> Iterator[tuple[str, bool, int | None, str | None, Tokens | None, int, int]]:
-    """(custom_id, succeeded, status_code, error_code, tokens, offset, length) of every line."""
-    offset = 0
-    with path.open("rb", buffering=1 << 20) as f:
-        for raw in f:
-            length = len(raw)
-            stripped = raw.strip()
-            if stripped:
-                found = scan_line_tokens(stripped)
+                found = scan(stripped)
                 if found is not None:
                     yield (*found, offset, length)
             offset += length
@@ -269,7 +257,7 @@ def outcome_rows(
     every line when `tokens` is False (the scan then skips the whole body)."""
     for kind, path in files:
         if tokens:
-            lines: Iterable[tuple[Any, ...]] = _scan_tokens(path)
+            lines: Iterable[tuple[Any, ...]] = _scan(path, scan_line_tokens)
         else:
             lines = ((*found[:4], None, *found[4:]) for found in _scan(path))
         for custom_id, succeeded, status_code, error_code, used, offset, length in lines:
