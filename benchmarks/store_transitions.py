@@ -1,6 +1,6 @@
 """Transitions benchmark: the store's compare-and-set transitions beside the bare driver's.
 
-    python benchmarks/transitions.py [--batches N (default 10,000)]
+    python benchmarks/store_transitions.py [--batches N (default 10,000)]
         [--postgres-url URL | --no-postgres] [--dir D]
 
 For each database (a fresh SQLite file; a PostgreSQL schema of its own, created and dropped),
@@ -33,11 +33,7 @@ from typing import Any
 
 import orjson
 
-# Run as a script, this file's directory comes first on sys.path, where this module's own name
-# would hide the `transitions` library (jobqueue's state machine): put the checkout there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 GROUP = 100
