@@ -294,7 +294,7 @@ class JobQueue:
             # One transaction from the first shard to the commit: the request index is written
             # while the file is still being read (see `intake`), and a refused file leaves
             # nothing. On SQLite other writers wait meanwhile (readers do not).
-            with self.store.write() as conn:
+            with self.store.write(bulk=True) as conn:
                 job_number = self.store.next_job_number(conn)
                 with RequestIndexLoader(self.store, conn, job_number) as loader:
                     prepared = inputs.prepare_input(

@@ -123,7 +123,7 @@ def _record(ctx: DutyContext, row: Row, lease: Lease, fetched: _Fetched) -> int:
     files, missing_code = fetched.files, fetched.missing_code
     stored = dict(files)
     now = ctx.clock()
-    with ctx.store.write() as conn:
+    with ctx.store.write(bulk=True) as conn:
         # Fenced, and first: nothing is recorded unless the batch is still ours (on
         # PostgreSQL its row stays locked from here to the commit).
         if not batches.mark_collected(

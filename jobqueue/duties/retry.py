@@ -62,7 +62,7 @@ def retry_job(ctx: DutyContext, job_id: str) -> int:
                 continue
             shards = _write_retry_shards(ctx, job, sources, count)
             try:
-                with ctx.store.write() as conn:
+                with ctx.store.write(bulk=True) as conn:
                     made += _record_retry_batches(conn, job, shards, now)
             except BaseException:
                 for shard in shards:

@@ -8,10 +8,11 @@ transaction, so two daemons can never both apply one edge and no change goes una
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,12 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 # (about three fsyncs): WAL is checkpointed on SQLite's own schedule (`wal_autocheckpoint`,
 # every 1,000 pages), and once more when the store closes.
 SQLITE_POOL_SIZE = 10
+# Page cache of a pooled SQLite connection, in KiB as the pragma takes it (SQLite's default);
+# a bulk write (an intake, a collection) raises it for its own transaction: a million-row index
+# otherwise spills the same pages to the WAL again and again. Kept at 16 MB in every pooled
+# connection, the caches alone held about 40 MB of a daemon's peak (benchmarks/endtoend.py).
+SQLITE_CACHE_KIB = -2000
+SQLITE_BULK_CACHE_KIB = -16384
 # A PostgreSQL connection idle in the pool longer than this is pinged before it is used (the
 # server may have restarted or dropped it); one just given back is used as it is, sparing a
 # round trip to every transaction.
@@ -98,9 +105,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA journal_mode = WAL")
         cur.execute("PRAGMA synchronous = FULL")
         cur.execute("PRAGMA foreign_keys = ON")
-        # 16 MB of page cache (the default is 2 MB): a million-row intake or collection
-        # otherwise spills the same index pages to the WAL again and again.
-        cur.execute("PRAGMA cache_size = -16384")
+        cur.execute(f"PRAGMA cache_size = {SQLITE_CACHE_KIB}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -167,18 +172,31 @@ class Store:
     # -- transactions -----------------------------------------------------------------------
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction: committed on success, rolled back on any exception.
+    def write(self, *, bulk: bool = False) -> Iterator[Connection]:
+        """A write transaction: committed on success, rolled back on any exception. `bulk`: it
+        writes index rows by the hundred thousand (SQLite gives it a bigger page cache, freed
+        once it ends).
 
         On SQLite the threads of one process queue on a lock for the write lock: they are woken
         the moment it is free, where SQLite's busy handler would poll with sleeps of up to
         100 ms. Other processes still wait in the busy handler.
         """
-        with self.writer_connection() as conn, conn.begin():
-            coordination.clear_wakes(conn)
-            yield conn
-            # The notification of the duties it gave work to goes out with the commit.
-            coordination.send_wakes(conn)
+        with self.writer_connection() as conn:
+            # On the driver's connection: through SQLAlchemy the pragma would begin a transaction.
+            bulk = bulk and self.dialect == "sqlite"
+            sqlite = conn.connection.driver_connection if bulk else None
+            if sqlite is not None:
+                sqlite.execute(f"PRAGMA cache_size = {SQLITE_BULK_CACHE_KIB}")
+            try:
+                with conn.begin():
+                    coordination.clear_wakes(conn)
+                    yield conn
+                    # The notification of the duties it gave work to goes out with the commit.
+                    coordination.send_wakes(conn)
+            finally:
+                if sqlite is not None:  # back to the pool with the small cache: pages freed
+                    with suppress(sqlite3.Error):
+                        sqlite.execute(f"PRAGMA cache_size = {SQLITE_CACHE_KIB}")
 
     @contextmanager
     def writer_connection(self) -> Iterator[Connection]:

@@ -106,3 +106,31 @@ def test_foreign_keys_stay_enforced_on_reused_connections(sqlite_url: str) -> No
                 assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
         store.close()
+
+
+def _cache_size(conn: object) -> int:
+    return int(conn.execute("PRAGMA cache_size").fetchone()[0])  # type: ignore[attr-defined]
+
+
+def test_a_bulk_write_has_a_big_page_cache_and_gives_it_back(sqlite_url: str) -> None:
+    """A pooled connection keeps SQLite's small cache; a bulk write (intake, collection) gets a
+    bigger one for its transaction alone, committed or not, so idle connections hold little."""
+    from jobqueue.store.base import SQLITE_BULK_CACHE_KIB, SQLITE_CACHE_KIB
+
+    store = Store(sqlite_url)
+    try:
+        with store.write() as conn:
+            driver = conn.connection.driver_connection
+            assert _cache_size(driver) == SQLITE_CACHE_KIB
+        with store.write(bulk=True) as conn:
+            assert conn.connection.driver_connection is driver
+            assert _cache_size(driver) == SQLITE_BULK_CACHE_KIB
+        assert _cache_size(driver) == SQLITE_CACHE_KIB
+        try:
+            with store.write(bulk=True) as conn:
+                raise RuntimeError("refused")
+        except RuntimeError:
+            pass
+        assert _cache_size(driver) == SQLITE_CACHE_KIB
+    finally:
+        store.close()
