@@ -13,6 +13,8 @@ not objects, because an export of a million requests handles a million of them.
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -274,27 +276,44 @@ def outcome_rows(
 
 
 class _FileCache:
-    """A few open result files, least recently used closed first."""
+    """A few open result files, least recently used closed first, each mapped in memory (a
+    result file is written once, at collection, and never changed)."""
 
     def __init__(self, size: int = 64) -> None:
-        self._files: OrderedDict[str, IO[bytes]] = OrderedDict()
+        self._files: OrderedDict[str, tuple[IO[bytes], mmap.mmap | None]] = OrderedDict()
         self._size = size
 
-    def read(self, path: str, offset: int, length: int) -> bytes:
-        f = self._files.get(path)
-        if f is None:
+    def open(self, path: str) -> tuple[IO[bytes], mmap.mmap | None]:
+        entry = self._files.get(path)
+        if entry is None:
             f = open(path, "rb")  # noqa: SIM115 - kept open across calls, closed by close()
-            self._files[path] = f
+            try:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (ValueError, OSError):  # empty, or not mappable: read with pread
+                mapped = None
+            entry = self._files[path] = (f, mapped)
             if len(self._files) > self._size:
-                self._files.popitem(last=False)[1].close()
+                _close(self._files.popitem(last=False)[1])
         else:
             self._files.move_to_end(path)
+        return entry
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        f, mapped = self.open(path)
+        if mapped is not None:
+            return mapped[offset : offset + length]
         return os.pread(f.fileno(), length, offset)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
+        for entry in self._files.values():
+            _close(entry)
         self._files.clear()
+
+
+def _close(entry: tuple[IO[bytes], mmap.mmap | None]) -> None:
+    if entry[1] is not None:
+        entry[1].close()
+    entry[0].close()
 
 
 def never_ran_line(custom_id: str, code: str | None, status_code: int | None) -> bytes:
@@ -314,6 +333,37 @@ _RUN_BYTES = 1 << 20  # the most one read of consecutive lines takes
 _WRITE_BYTES = 1 << 20  # export writes
 
 
+def _spans(
+    pages: Iterable[list[tuple[Any, ...]]], result_paths: dict[int, dict[str, str]]
+) -> Iterator[tuple[list[tuple[Any, ...]], str | None, int, int]]:
+    """(locations, path, start, end) in the order of `pages` (lists of location tuples): one
+    request that has no line (path None), or a run of requests whose lines follow each other in
+    one file, from byte `start` to `end` (at most `_RUN_BYTES` but for a longer single line)."""
+    for rows in pages:
+        n = len(rows)
+        i = 0
+        while i < n:
+            row = rows[i]
+            # Literal indexes (see the location tuple above): this loop runs once a request.
+            batch, kind, offset, length = row[4], row[5], row[6], row[7]
+            path = None
+            if batch is not None:
+                path = result_paths.get(batch, {}).get(kind)
+            if path is None:
+                yield [row], None, 0, 0
+                i += 1
+                continue
+            j, end = i + 1, offset + length
+            while j < n and end - offset < _RUN_BYTES:
+                nxt = rows[j]
+                if nxt[6] != end or nxt[4] != batch or nxt[5] != kind:
+                    break
+                end += nxt[7]
+                j += 1
+            yield rows[i:j], path, offset, end
+            i = j
+
+
 def read_runs(
     pages: Iterable[list[tuple[Any, ...]]], result_paths: dict[int, dict[str, str]]
 ) -> Iterator[tuple[list[tuple[Any, ...]], bytes | None]]:
@@ -322,34 +372,13 @@ def read_runs(
     with the bytes of those lines.
 
     `result_paths` maps batch number -> {"output": path, "error": path}. A run (the usual case:
-    a batch's output is in input order) is read with one `pread` of up to 1 MiB instead of one
-    per line.
+    a batch's output is in input order) is read in one slice of up to 1 MiB instead of one
+    read per line.
     """
     cache = _FileCache()
     try:
-        for rows in pages:
-            n = len(rows)
-            i = 0
-            while i < n:
-                row = rows[i]
-                # Literal indexes (see the location tuple above): this loop runs once a request.
-                batch, kind, offset, length = row[4], row[5], row[6], row[7]
-                path = None
-                if batch is not None:
-                    path = result_paths.get(batch, {}).get(kind)
-                if path is None:
-                    yield [row], None
-                    i += 1
-                    continue
-                j, end = i + 1, offset + length
-                while j < n and end - offset < _RUN_BYTES:
-                    nxt = rows[j]
-                    if nxt[6] != end or nxt[4] != batch or nxt[5] != kind:
-                        break
-                    end += nxt[7]
-                    j += 1
-                yield rows[i:j], cache.read(path, offset, end - offset)
-                i = j
+        for run, path, start, end in _spans(pages, result_paths):
+            yield run, None if path is None else cache.read(path, start, end - start)
     finally:
         cache.close()
 
@@ -367,32 +396,87 @@ def run_lines(run: list[tuple[Any, ...]], data: bytes | None) -> Iterator[bytes]
         at += length
 
 
-def write_runs(runs: Iterable[tuple[list[tuple[Any, ...]], bytes | None]], out: IO[bytes]) -> int:
-    """Write the lines of `runs` (from `read_runs`) as JSONL, each line ending in one newline,
-    to `out`; return the number of lines. A run of lines that already are in that form (each
-    ends in a bare newline) is written as read, without splitting it into lines."""
+def write_runs(
+    pages: Iterable[list[tuple[Any, ...]]], result_paths: dict[int, dict[str, str]], out: IO[bytes]
+) -> int:
+    """Write the lines of the requests of `pages` (as `read_runs` reads them) as JSONL, each
+    line ending in one newline, to `out`; return the number of lines.
+
+    A run of lines that already are in that form is copied as it is, without splitting it into
+    lines, and into a plain file or pipe by the kernel (`sendfile`), without reading it here.
+    Each of a run's lines was cut at a newline when it was scanned, so the run is in that form
+    when it ends in a newline (only a file's last line may not) and holds no carriage return.
+    """
+    sink = _Sink(out)
+    cache = _FileCache()
     written = 0
-    pending: list[bytes] = []
-    size = 0
-    for run, data in runs:
-        written += len(run)
-        # Each line of a run holds one newline at most, at its end: if there are as many as
-        # lines and no carriage return, the run is already JSONL as export writes it.
-        if data is not None and data.count(b"\n") == len(run) and b"\r" not in data:
-            if pending:
-                out.write(b"".join(pending))
-                pending.clear()
-                size = 0
-            out.write(data)
-            continue
-        for line in run_lines(run, data):
-            pending.append(line)
-            pending.append(b"\n")
-            size += len(line) + 1
-        if size >= _WRITE_BYTES:
-            out.write(b"".join(pending))
-            pending.clear()
-            size = 0
-    if pending:
-        out.write(b"".join(pending))
+    try:
+        for run, path, start, end in _spans(pages, result_paths):
+            written += len(run)
+            if path is None:
+                sink.lines(run_lines(run, None))
+                continue
+            f, mapped = cache.open(path)
+            as_is = mapped is not None and mapped[end - 1] == 0x0A
+            if as_is and mapped is not None and mapped.find(b"\r", start, end) < 0:
+                sink.copy(f, mapped, start, end)
+                continue
+            data = cache.read(path, start, end - start)
+            if data.endswith(b"\n") and b"\r" not in data:
+                sink.write(data)
+            else:
+                sink.lines(run_lines(run, data))
+        sink.flush()
+    finally:
+        cache.close()
     return written
+
+
+class _Sink:
+    """Where `write_runs` writes: lines gathered into writes of about `_WRITE_BYTES`, and runs
+    copied by `sendfile` where `out` is a plain file object (not one that would encode or
+    compress what it is given, such as a GzipFile, which has a `fileno` too)."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._fd: int | None = None
+        if isinstance(out, io.BufferedWriter | io.BufferedRandom | io.FileIO):
+            try:
+                self._fd = out.fileno()
+            except (OSError, ValueError):
+                self._fd = None
+
+    def lines(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            self._pending.append(line)
+            self._pending.append(b"\n")
+            self._size += len(line) + 1
+        if self._size >= _WRITE_BYTES:
+            self.flush()
+
+    def write(self, data: bytes) -> None:
+        self.flush()
+        self._out.write(data)
+
+    def copy(self, f: IO[bytes], mapped: mmap.mmap, start: int, end: int) -> None:
+        self.flush()
+        if self._fd is not None:
+            self._out.flush()
+            try:
+                while start < end:
+                    sent = os.sendfile(self._fd, f.fileno(), start, end - start)
+                    if sent == 0:
+                        break
+                    start += sent
+            except OSError:  # e.g. a file opened for appending: write the rest from here on
+                self._fd = None
+        if start < end:
+            self._out.write(mapped[start:end])
+
+    def flush(self) -> None:
+        if self._pending:
+            self._out.write(b"".join(self._pending))
+            self._pending.clear()
+            self._size = 0

@@ -146,4 +146,4 @@ def write_result_lines(
     pages = result_locations_in_order(
         store, job_number, errors_only=errors_only, chunk=chunk, final_only=final_only
     )
-    return write_runs(read_runs(pages, result_paths), out)
+    return write_runs(pages, result_paths, out)
