@@ -11,14 +11,16 @@ import json
 import sqlite3
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
     JSON,
+    Boolean,
     Connection,
     Engine,
     Row,
@@ -61,6 +63,7 @@ from jobqueue.store.batches import (
 )
 from jobqueue.store.batches import next_batch_number as _next_batch_number
 from jobqueue.store.batches import release as _release
+from jobqueue.store.driver import driver_of
 from jobqueue.store.tables import (
     batches_table,
     events_table,
@@ -139,6 +142,7 @@ class Store:
                 pool_size=SQLITE_POOL_SIZE,
                 max_overflow=-1,
                 pool_use_lifo=True,
+                pool_reset_on_return=None,
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             )
             _configure_sqlite(self.engine)
@@ -769,11 +773,58 @@ def _cas_batch(
             .values(**vals)
             .returning(*_B.c)
         ).first()
+    if conn.dialect.name == "sqlite":
+        return _sqlite_cas_batch(driver_of(conn), batch_id, source, vals, lease)
     params = {**vals, "w_id": batch_id, "w_from": source}
     if lease is None:
         return conn.execute(_CAS_RETURNING, params).first()
     params["w_owner"], params["w_token"] = lease.owner, lease.token
     return conn.execute(_CAS_FENCED_RETURNING, params).first()
+
+
+# SQLite, one batch at a time, on the driver's cursor: SQLAlchemy's execution and result
+# handling of the 52 returned columns cost more than the UPDATE and its commit (about 0.1 ms a
+# transition, benchmarks/store_transitions.py). The row comes back as a `BatchRow`: the table's
+# columns by name and in order, as a SQLAlchemy row has them, JSON and booleans decoded alike.
+BatchRow = namedtuple("BatchRow", [c.name for c in _B.c])  # type: ignore[misc]
+_JSON_COLUMNS = frozenset(c.name for c in _B.c if isinstance(c.type, JSON))
+_JSON_AT = tuple(i for i, c in enumerate(_B.c) if isinstance(c.type, JSON))
+_BOOLEAN_AT = tuple(i for i, c in enumerate(_B.c) if isinstance(c.type, Boolean))
+_SQLITE_RETURNING = ", ".join(f'"{c.name}"' for c in _B.c)
+_SQLITE_CAS: dict[tuple[tuple[str, ...], bool], str] = {}
+
+
+def _sqlite_cas_batch(
+    driver: Any, batch_id: str, source: str, vals: dict[str, Any], lease: Lease | None
+) -> Row | None:
+    key = (tuple(vals), lease is not None)
+    sql = _SQLITE_CAS.get(key)
+    if sql is None:
+        sets = ", ".join(f'"{name}" = ?' for name in key[0])
+        fence = ' AND "lease_owner" = ? AND "lease_token" = ?' if lease is not None else ""
+        sql = _SQLITE_CAS[key] = (
+            f'UPDATE batches SET {sets} WHERE "id" = ? AND "status" = ?{fence} '
+            f"RETURNING {_SQLITE_RETURNING}"
+        )
+    params = [
+        json.dumps(value) if name in _JSON_COLUMNS and value is not None else value
+        for name, value in vals.items()
+    ]
+    params += (batch_id, source) if lease is None else (batch_id, source, lease.owner, lease.token)
+    found = driver.execute(sql, params).fetchall()  # all: the statement is done with
+    return _batch_row(found[0]) if found else None
+
+
+def _batch_row(values: Sequence[Any]) -> Row:
+    """A `BatchRow` of a batches row as the driver returns it."""
+    decoded = list(values)
+    for i in _JSON_AT:
+        if decoded[i] is not None:
+            decoded[i] = json.loads(decoded[i])
+    for i in _BOOLEAN_AT:
+        if decoded[i] is not None:
+            decoded[i] = bool(decoded[i])
+    return cast(Row, BatchRow._make(decoded))
 
 
 _PG_COLUMN_TYPES: dict[str, str] = {}

@@ -17,19 +17,13 @@ from sqlalchemy import Connection
 
 from jobqueue.core.states import JOB_TERMINAL
 from jobqueue.store import Store
+from jobqueue.store.driver import driver_cursor
 
 _CHUNK = 10_000  # rows a PostgreSQL COPY carries
 
 
 def _param(dialect: str) -> str:
     return "%s" if dialect == "postgresql" else "?"
-
-
-def _driver_cursor(conn: Connection) -> Any:
-    """A cursor of the driver's own connection under `conn` (sqlite3 or psycopg)."""
-    driver = conn.connection.driver_connection
-    assert driver is not None  # a connection in use always has one
-    return driver.cursor()
 
 
 def batch_positions(
@@ -45,7 +39,7 @@ def batch_positions(
     retry batch's scattered requests) the index is used, by name."""
     p = _param(dialect)
     # The driver's own cursor: SQLAlchemy's row objects would cost more than the query.
-    cur = _driver_cursor(conn)
+    cur = driver_cursor(conn)
     try:
         if dialect != "sqlite":
             cur.execute(
@@ -116,7 +110,7 @@ def write_outcomes(
     if dialect == "postgresql":
         return _copy_postgresql(conn, job_number, batch_number, iter(rows))
     by_position = dict(rows)
-    cur = _driver_cursor(conn)
+    cur = driver_cursor(conn)
     try:
         cur.executemany(
             f"INSERT INTO outcomes ({_INSERT_COLUMNS}) VALUES ({', '.join(['?'] * 13)})",
@@ -140,7 +134,7 @@ def _delete_outcomes(
             (job_number, list(positions)),
         )
         return
-    cur = _driver_cursor(conn)
+    cur = driver_cursor(conn)
     try:
         cur.executemany(
             "DELETE FROM outcomes WHERE job_number = ? AND position = ?",
@@ -162,7 +156,7 @@ def _copy_postgresql(
     sql = f"COPY outcomes ({_INSERT_COLUMNS}) FROM STDIN"
 
     def apply(chunk: list[tuple[Any, ...]]) -> None:
-        cur = _driver_cursor(conn)
+        cur = driver_cursor(conn)
         try:
             with cur.copy(sql) as copy:
                 for row in chunk:
@@ -220,7 +214,7 @@ def record_missing(
 def _job_extent(conn: Connection, dialect: str, job_number: int) -> tuple[str | None, int]:
     """(the job's status, its last request's position; -1 without requests)."""
     p = _param(dialect)
-    cur = _driver_cursor(conn)
+    cur = driver_cursor(conn)
     try:
         cur.execute(
             f"SELECT (SELECT status FROM jobs WHERE number = {p}), "
@@ -285,7 +279,7 @@ def result_locations_in_order(
     )
     for start in range(0, last_position + 1, chunk):
         with store.read() as conn:
-            cur = _driver_cursor(conn)
+            cur = driver_cursor(conn)
             try:
                 end = start + chunk
                 cur.execute(

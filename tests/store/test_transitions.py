@@ -406,3 +406,29 @@ def _race_one_edge(
         return waiting.result()
     finally:
         other.close()
+
+
+def test_the_row_a_transition_returns_is_the_row_as_read(store: Store) -> None:
+    """The new row comes back with every column as a read gives it (SQLite builds it from the
+    driver's row: JSON decoded, booleans as booleans), whatever the values were written as."""
+    _, [batch_id] = add_job(store, {"status": "in_progress", "requests": 2})
+    usage = {"input_tokens": 12, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 0}}
+    errors = [{"code": "x", "line": 1, "message": "é"}]
+    with store.write() as conn:
+        row = cas_batch(
+            store, conn, batch_id, "in_progress", "finalizing",
+            values={"usage": usage, "errors": errors, "cancel_requested": True,
+                    "remote_total": 2, "lease_until": 1.5},
+        )  # fmt: skip
+    assert row is not None
+    read = get_batch(store, batch_id)
+    assert tuple(row) == tuple(read)
+    assert row.usage == usage and row.errors == errors and row.cancel_requested is True
+    assert row.status == "finalizing" and row.finalizing_at is not None
+    with store.write() as conn:
+        row = cas_batch(
+            store, conn, batch_id, "finalizing", "completed",
+            values={"usage": None, "errors": None, "cancel_requested": False},
+        )  # fmt: skip
+    assert row is not None and tuple(row) == tuple(get_batch(store, batch_id))
+    assert row.usage is None and row.errors is None and row.cancel_requested is False
