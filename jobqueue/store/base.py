@@ -733,17 +733,12 @@ def _ping_when_idle(engine: Engine, idle: float) -> None:
 
 # -- compare-and-set statements, built once ---------------------------------------------------
 #
-# The SET clause comes from the names of the parameters (SQLAlchemy compiles, and caches, one
-# statement per set of names), so the few statements below serve every transition.
+# The SET clause comes from the names of the values written: one statement's text per set of
+# names (and per dialect, fenced or not), built once, serves every transition.
 _B = batches_table
 _B_COLUMNS = frozenset(c.name for c in _B.c)
 _GET_BATCH = select(_B).where(_B.c.id == bindparam("w_id"))
 _GET_BATCHES = select(_B).where(_B.c.id.in_(bindparam("w_ids", expanding=True)))
-_CAS = update(_B).where(_B.c.id == bindparam("w_id"), _B.c.status == bindparam("w_from"))
-_CAS_RETURNING = _CAS.returning(*_B.c)
-_CAS_FENCED_RETURNING = _CAS.where(
-    _B.c.lease_owner == bindparam("w_owner"), _B.c.lease_token == bindparam("w_token")
-).returning(*_B.c)
 
 
 def _transition_values(
@@ -773,50 +768,54 @@ def _cas_batch(
             .values(**vals)
             .returning(*_B.c)
         ).first()
-    if conn.dialect.name == "sqlite":
-        return _sqlite_cas_batch(driver_of(conn), batch_id, source, vals, lease)
-    params = {**vals, "w_id": batch_id, "w_from": source}
-    if lease is None:
-        return conn.execute(_CAS_RETURNING, params).first()
-    params["w_owner"], params["w_token"] = lease.owner, lease.token
-    return conn.execute(_CAS_FENCED_RETURNING, params).first()
+    return _driver_cas_batch(conn, batch_id, source, vals, lease)
 
 
-# SQLite, one batch at a time, on the driver's cursor: SQLAlchemy's execution and result
-# handling of the 52 returned columns cost more than the UPDATE and its commit (about 0.1 ms a
-# transition, benchmarks/store_transitions.py). The row comes back as a `BatchRow`: the table's
-# columns by name and in order, as a SQLAlchemy row has them, JSON and booleans decoded alike.
+# One batch at a time, on the driver's cursor: SQLAlchemy's execution and result handling of
+# the 52 returned columns cost more than the UPDATE itself (on SQLite about 0.1 ms a transition;
+# benchmarks/store_transitions.py). The row comes back as a `BatchRow`: the table's columns by
+# name and in order, as a SQLAlchemy row has them, JSON and booleans decoded alike (psycopg
+# decodes them itself; on SQLite `_batch_row` does).
 BatchRow = namedtuple("BatchRow", [c.name for c in _B.c])  # type: ignore[misc]
 _JSON_COLUMNS = frozenset(c.name for c in _B.c if isinstance(c.type, JSON))
 _JSON_AT = tuple(i for i, c in enumerate(_B.c) if isinstance(c.type, JSON))
 _BOOLEAN_AT = tuple(i for i, c in enumerate(_B.c) if isinstance(c.type, Boolean))
-_SQLITE_RETURNING = ", ".join(f'"{c.name}"' for c in _B.c)
-_SQLITE_CAS: dict[tuple[tuple[str, ...], bool], str] = {}
+_RETURNING = ", ".join(f'"{c.name}"' for c in _B.c)
+_DRIVER_CAS: dict[tuple[str, tuple[str, ...], bool], str] = {}
 
 
-def _sqlite_cas_batch(
-    driver: Any, batch_id: str, source: str, vals: dict[str, Any], lease: Lease | None
+def _driver_cas_sql(dialect: str, names: tuple[str, ...], fenced: bool) -> str:
+    p = "%s" if dialect == "postgresql" else "?"
+    json_p = f"CAST({p} AS json)" if dialect == "postgresql" else p
+    sets = ", ".join(f'"{n}" = {json_p if n in _JSON_COLUMNS else p}' for n in names)
+    fence = f' AND "lease_owner" = {p} AND "lease_token" = {p}' if fenced else ""
+    return (
+        f'UPDATE batches SET {sets} WHERE "id" = {p} AND "status" = {p}{fence} '
+        f"RETURNING {_RETURNING}"
+    )
+
+
+def _driver_cas_batch(
+    conn: Connection, batch_id: str, source: str, vals: dict[str, Any], lease: Lease | None
 ) -> Row | None:
-    key = (tuple(vals), lease is not None)
-    sql = _SQLITE_CAS.get(key)
+    dialect = conn.dialect.name
+    key = (dialect, tuple(vals), lease is not None)
+    sql = _DRIVER_CAS.get(key)
     if sql is None:
-        sets = ", ".join(f'"{name}" = ?' for name in key[0])
-        fence = ' AND "lease_owner" = ? AND "lease_token" = ?' if lease is not None else ""
-        sql = _SQLITE_CAS[key] = (
-            f'UPDATE batches SET {sets} WHERE "id" = ? AND "status" = ?{fence} '
-            f"RETURNING {_SQLITE_RETURNING}"
-        )
+        sql = _DRIVER_CAS[key] = _driver_cas_sql(*key)
     params = [
         json.dumps(value) if name in _JSON_COLUMNS and value is not None else value
         for name, value in vals.items()
     ]
     params += (batch_id, source) if lease is None else (batch_id, source, lease.owner, lease.token)
-    found = driver.execute(sql, params).fetchall()  # all: the statement is done with
-    return _batch_row(found[0]) if found else None
+    found = driver_of(conn).execute(sql, params).fetchall()  # all: the statement is done with
+    if not found:
+        return None
+    return _batch_row(found[0]) if dialect == "sqlite" else cast(Row, BatchRow._make(found[0]))
 
 
 def _batch_row(values: Sequence[Any]) -> Row:
-    """A `BatchRow` of a batches row as the driver returns it."""
+    """A `BatchRow` of a batches row as the SQLite driver returns it."""
     decoded = list(values)
     for i in _JSON_AT:
         if decoded[i] is not None:

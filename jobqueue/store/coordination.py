@@ -167,16 +167,35 @@ def wake(conn: Connection, *duties: str) -> None:
     pending.update(duties)
 
 
+# SQL that notifies the duties named by its parameter (comma-separated), for a statement that
+# carries its own wake-up (an event's INSERT) instead of a round trip of its own.
+NOTIFY_SQL = f"pg_notify({_CHANNEL_SQL}, %s)"
+# conn.info key of the duties a statement of this transaction notified already.
+_NOTIFIED_KEY = "jobqueue_notified"
+
+
+def notified(conn: Connection, duties: Iterable[str]) -> str:
+    """Note that a statement of this transaction notifies `duties` itself (with `NOTIFY_SQL`,
+    PostgreSQL only); the payload it takes."""
+    done: set[str] = conn.info.setdefault(_NOTIFIED_KEY, set())
+    duties = sorted(duties)
+    done.update(duties)
+    return ",".join(duties)
+
+
 def clear_wakes(conn: Connection) -> None:
     conn.info.pop(_WAKE_KEY, None)
+    conn.info.pop(_NOTIFIED_KEY, None)
 
 
 def send_wakes(conn: Connection) -> None:
-    """Queue the notification of what this transaction marked; PostgreSQL delivers it on commit
-    (and drops it on rollback). Called by `Store.write` just before it commits."""
+    """Queue the notification of what this transaction marked and did not notify already;
+    PostgreSQL delivers it on commit (and drops it on rollback). Called by `Store.write` just
+    before it commits."""
     pending: set[str] | None = conn.info.pop(_WAKE_KEY, None)
-    if pending and conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SELECT pg_notify({_CHANNEL_SQL}, %s)", (",".join(sorted(pending)),))
+    done: set[str] = conn.info.pop(_NOTIFIED_KEY, None) or set()
+    if pending and conn.dialect.name == "postgresql" and not pending <= done:
+        conn.exec_driver_sql(f"SELECT {NOTIFY_SQL}", (",".join(sorted(pending - done)),))
 
 
 def listen(conn: Connection) -> str:
@@ -188,7 +207,7 @@ def listen(conn: Connection) -> str:
 
 def notifications(conn: Connection, timeout: float) -> list[str]:
     """The duties named by the notifications that arrive within `timeout` seconds (at once when
-    one is already waiting); empty when none came. Raises if the session is gone."""
+    one is already waiting), each once; empty when none came. Raises if the session is gone."""
     driver: Any = conn.connection.driver_connection
     duties: list[str] = []
     for note in driver.notifies(timeout=timeout, stop_after=1):
@@ -196,7 +215,8 @@ def notifications(conn: Connection, timeout: float) -> list[str]:
     # What else already arrived, without waiting again.
     for note in driver.notifies(timeout=0.0):
         duties.extend(part for part in note.payload.split(",") if part)
-    return duties
+    # Each named once: a transaction's events notify their own duties, which may repeat.
+    return list(dict.fromkeys(duties))
 
 
 # -- SQLite: one daemon ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import orjson
 from sqlalchemy import Connection
 
 from jobqueue.core.ids import new_id
-from jobqueue.store.coordination import duties_of_event, wake
+from jobqueue.store.coordination import NOTIFY_SQL, duties_of_event, notified, wake
 from jobqueue.store.driver import driver_of
 
 # The hot path of every transition: written as driver SQL (the statement's text built once per
@@ -22,6 +22,11 @@ _INSERT_SQL = {
     "postgresql": f"INSERT INTO events ({_COLUMNS}) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s, CAST(%s AS json))",
 }
+# One event on PostgreSQL, with the notification of the duties it gives work to.
+_INSERT_NOTIFYING_PG = (
+    f"INSERT INTO events ({_COLUMNS}) SELECT %s, %s, %s, %s, %s, %s, %s, CAST(%s AS json) "
+    f"FROM (SELECT {NOTIFY_SQL}) AS woken"
+)
 # Many events on PostgreSQL: one INSERT … SELECT over one JSON array (an array an event),
 # parsed by the server, the events in the order of the array.
 _INSERT_MANY_PG = (
@@ -55,23 +60,24 @@ def add_event(
     """Write one event; return its id. On PostgreSQL every daemon is woken for it (and for the
     duty it gives work to, e.g. `submit` for `batch.queued`) when the transaction commits."""
     event_id = new_id("evt")
-    name = conn.dialect.name
-    # On SQLite the driver's own cursor: through `exec_driver_sql` the INSERT costs about twice.
-    run = driver_of(conn).execute if name == "sqlite" else conn.exec_driver_sql
-    run(
-        _INSERT_SQL[name],
-        (
-            event_id,
-            type_,
-            now if now is not None else time.time(),
-            job_id,
-            batch_id,
-            from_status,
-            to_status,
-            _dumps(data),
-        ),
+    params: tuple[Any, ...] = (
+        event_id,
+        type_,
+        now if now is not None else time.time(),
+        job_id,
+        batch_id,
+        from_status,
+        to_status,
+        _dumps(data),
     )
-    wake(conn, *duties_of_event(type_))
+    # On the driver's own cursor: through `exec_driver_sql` the INSERT costs about twice. On
+    # PostgreSQL the INSERT notifies its duties itself, sparing a round trip at the commit.
+    duties = duties_of_event(type_)
+    if conn.dialect.name == "postgresql":
+        driver_of(conn).execute(_INSERT_NOTIFYING_PG, (*params, notified(conn, duties)))
+    else:
+        driver_of(conn).execute(_INSERT_SQL["sqlite"], params)
+    wake(conn, *duties)
     return event_id
 
 
