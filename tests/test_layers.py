@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pkgutil
 import shutil
 import subprocess
@@ -86,6 +87,96 @@ def test_the_emulator_loads_nothing_of_the_store_or_the_api() -> None:
     ours = _under(loaded, "jobqueue")
     allowed = {"jobqueue", "jobqueue.version", "jobqueue.httpserver", "jobqueue.tokens"}
     assert ours - _under(ours, "jobqueue.emulator") <= allowed, ours
+
+
+# What no CLI start-up needs: the API and what it brings (the store, SQLAlchemy, the settings,
+# the remote client), and the emulator; each command imports them when it runs (issue 14).
+NOT_AT_START_UP = (
+    "jobqueue.api",
+    "jobqueue.store",
+    "jobqueue.settings",
+    "jobqueue.remote",
+    "jobqueue.service",
+    "jobqueue.emulator",
+    "sqlalchemy",
+    "sqlmodel",
+    "alembic",
+    "httpx",
+    "uvicorn",
+    "starlette",
+)
+COMPLETE_COMMANDS = {
+    "_JOBQUEUE_COMPLETE": "complete_bash",
+    "COMP_WORDS": "jobqueue ",
+    "COMP_CWORD": "1",
+}
+
+
+def _run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, set[str]]:
+    """Run `jobqueue ARGS` in a fresh interpreter: its exit code, its stdout, and the modules it
+    loaded."""
+    code = (
+        "import json, sys\n"
+        "from jobqueue.cli import main\n"
+        f"code = main({args!r})\n"
+        "print('\\nLOADED', json.dumps(sorted(sys.modules)))\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out, _, loaded = result.stdout.rpartition("\nLOADED ")
+    assert loaded, result.stderr
+    return result.returncode, out, set(json.loads(loaded))
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "shown"),
+    [
+        pytest.param(["--help"], None, "emulator  Serve a local", id="--help"),
+        pytest.param(["status", "--help"], None, "Usage: jobqueue status", id="status --help"),
+        pytest.param(["submit", "--help"], None, "Usage: jobqueue submit", id="submit --help"),
+        pytest.param(["run", "--help"], None, "Usage: jobqueue run", id="run --help"),
+        pytest.param(["demo", "--help"], None, "Usage: jobqueue demo", id="demo --help"),
+        pytest.param(
+            ["db", "current", "--help"], None, "jobqueue db current", id="db current --help"
+        ),
+        pytest.param(["--version"], None, f"jobqueue {jobqueue.__version__}", id="--version"),
+        pytest.param([], COMPLETE_COMMANDS, "emulator", id="completion"),
+    ],
+)
+def test_the_cli_starts_without_the_api_the_store_or_the_emulator(
+    args: list[str], env: dict[str, str] | None, shown: str
+) -> None:
+    code, out, loaded = _run_cli(args, env)
+    assert code == 0 and shown in out, out
+    assert "typer" in loaded  # the probe sees third-party modules
+    assert not _under(loaded, *NOT_AT_START_UP), sorted(_under(loaded, *NOT_AT_START_UP))
+
+
+def test_the_emulator_command_loads_when_it_is_asked_for() -> None:
+    """Its options are the emulator's: its help and the completion of its options load it."""
+    code, out, loaded = _run_cli(["emulator", "--help"], {"COLUMNS": "200"})
+    assert code == 0 and "Usage: jobqueue emulator [OPTIONS]" in out and "--time-scale" in out
+    assert "jobqueue.emulator.command" in loaded and "jobqueue.api" not in loaded
+    completion = {**COMPLETE_COMMANDS, "COMP_WORDS": "jobqueue emulator --time", "COMP_CWORD": "2"}
+    code, out, _ = _run_cli([], completion)
+    assert code == 0 and out.split() == ["--time-scale"], out
+
+
+def test_a_command_on_sqlite_loads_no_postgresql_driver_nor_the_remote(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path / 'jobqueue.db'}"
+    code, out, loaded = _run_cli(
+        ["--database-url", database, "--data-dir", str(tmp_path / "data"), "status"]
+    )
+    assert code == 0 and "no jobs" in out, out
+    assert "jobqueue.store" in loaded
+    unneeded = _under(loaded, "psycopg", "psycopg2", "asyncpg", "jobqueue.remote", "httpx")
+    assert not unneeded, sorted(unneeded)
 
 
 def test_migrations_env_imports_only_the_tables_of_jobqueue() -> None:

@@ -7,18 +7,17 @@ full disk, a database that refuses).
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand
 
-from jobqueue.api import DaemonAlreadyRunning, DatabaseError, JobQueue, JobQueueError, StoreError
 from jobqueue.cli.options import (
     AttemptsOption,
     BatchBytesOption,
@@ -36,12 +35,16 @@ from jobqueue.cli.options import (
     job_label,
     submit_options,
 )
-from jobqueue.core.costs import Usage, usd
-from jobqueue.core.records import CostReport, Delivery, Event, Job, SubmitPlan
-from jobqueue.core.states import BATCH_TERMINAL
-from jobqueue.files.inputs import InputError
-from jobqueue.logs import configure_logging
-from jobqueue.settings import ConfigError
+from jobqueue.core.costs import usd
+
+# `--help`, `--version` and shell completion load neither the API (and through it the store,
+# SQLAlchemy, the settings), the logging set-up nor the emulator: each command imports what it
+# needs when it runs. Annotations name these types for mypy only; typer reads only the
+# commands' own signatures, whose types are all here at run time.
+if TYPE_CHECKING:
+    from jobqueue.api import JobQueue
+    from jobqueue.core.costs import Usage
+    from jobqueue.core.records import CostReport, Delivery, Event, Job, SubmitPlan
 
 app = typer.Typer(
     name="jobqueue",
@@ -82,6 +85,8 @@ class _Context:
 
     def queue(self) -> JobQueue:
         if self._queue is None:
+            from jobqueue.api import JobQueue
+
             self._queue = JobQueue(config=self.config, **self.overrides)
         return self._queue
 
@@ -134,6 +139,8 @@ def _root(
     # process runs in the background of its terminal (`jobqueue run &` beside `jobqueue wait`).
     source = ctx.get_parameter_source("log_level")
     explicit = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    from jobqueue.logs import configure_logging
+
     configure_logging(log_level.lower(), log_format.lower(), quiet_in_background=not explicit)
     state = _Context(config, {"database_url": database_url, "data_dir": data_dir})
     ctx.obj = state
@@ -479,6 +486,8 @@ def cancel(
     if as_json:
         _print_json(job.to_dict())
         return
+    from jobqueue.core.states import BATCH_TERMINAL
+
     open_batches = sum(1 for b in job.batches if b.status not in BATCH_TERMINAL)
     if job.done:
         stdout.print(f"{job.id} {job.status}", markup=False)
@@ -888,6 +897,8 @@ def db_upgrade(ctx: typer.Context) -> None:
 @db_app.command("current")
 def db_current(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Show the database's schema revision and the code's."""
+    from jobqueue.api import JobQueue
+
     state = _state(ctx)
     current, head = JobQueue.schema_revisions(state.config, **state.overrides)
     if as_json:
@@ -896,14 +907,41 @@ def db_current(ctx: typer.Context, as_json: JsonOption = False) -> None:
         stdout.print(f"current {current or '(empty)'}, head {head}")
 
 
-def _register_optional_commands() -> None:
-    from jobqueue.cli import running
+EMULATOR_HELP = "Serve a local OpenAI-compatible Batch and Files API."
+
+
+class _EmulatorCommand(TyperCommand):
+    """`jobqueue emulator`, whose module (its options, Starlette, uvicorn) loads only when the
+    command runs, shows its own help or completes its options: the list of commands in
+    `jobqueue --help` and in shell completion needs only its name and help."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
+        return _emulator_command().make_context(info_name, args, parent=parent, **extra)
+
+
+def _emulator_command() -> TyperCommand:
+    """The real `jobqueue emulator` command, as typer makes it from `emulator_command`."""
     from jobqueue.emulator.command import emulator_command
 
-    running.register(app, lambda ctx: _state(ctx).queue(), _print_json)
-    app.command("emulator", help="Serve a local OpenAI-compatible Batch and Files API.")(
-        emulator_command
+    single = typer.Typer(
+        add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
     )
+    single.command("emulator", help=EMULATOR_HELP)(emulator_command)
+    command = typer.main.get_command(single)
+    assert isinstance(command, TyperCommand)
+    return command
+
+
+def _register_optional_commands() -> None:
+    from jobqueue.cli import running
+
+    running.register(app, lambda ctx: _state(ctx).queue(), _print_json)
+
+    @app.command("emulator", cls=_EmulatorCommand, help=EMULATOR_HELP)
+    def _emulator() -> None:  # a stand-in: `_EmulatorCommand` runs the real command
+        raise AssertionError("jobqueue emulator runs emulator_command")
 
 
 _register_optional_commands()
@@ -912,37 +950,41 @@ _register_optional_commands()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error, click's usage errors included, is one line on stderr."""
     command = typer.main.get_command(app)
+    # Each `except` names its classes only once an exception gets there, and only those of
+    # modules that are loaded (`_raised`): `--help` loads neither the API nor the settings.
     try:
         code = command.main(args=argv, prog_name="jobqueue", standalone_mode=False)
         return code if isinstance(code, int) else 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except _NO_ARGS_IS_HELP as exc:
+    except _raised("NoArgsIsHelpError", *_CLICK) as exc:
         help_error: Any = exc
         help_error.show()  # `jobqueue` alone: the help, as before
         return int(help_error.exit_code)
-    except _USAGE_ERROR as exc:
+    except _raised("UsageError", *_CLICK) as exc:
         usage: Any = exc
         where = usage.ctx.command_path if usage.ctx is not None else "jobqueue"
         message = _one_line(usage.format_message())
         stderr.print(f"error: {message} (see `{where} --help`)", markup=False)
         return int(usage.exit_code)
-    except _CLICK_EXCEPTION as exc:
+    except _raised("ClickException", *_CLICK) as exc:
         failure: Any = exc
         stderr.print(f"error: {_one_line(failure.format_message())}", markup=False)
         return int(failure.exit_code)
-    except _ABORT:
+    except _raised("Abort", *_CLICK):
         return 130
-    except (InputError, ConfigError) as exc:
+    except _raised("InputError", _INPUTS) + _raised("ConfigError", _SETTINGS) as exc:
         stderr.print(f"error: {exc}", markup=False)
         return 2
-    except JobQueueError as exc:
-        stderr.print(f"error: {exc}", markup=False)
-        return exc.exit_code
-    except DaemonAlreadyRunning as exc:  # `run` on a SQLite file another daemon runs on
+    except _raised("JobQueueError", _API) as exc:
+        error: Any = exc
+        stderr.print(f"error: {error}", markup=False)
+        return int(error.exit_code)
+    except _raised("DaemonAlreadyRunning", _API) as exc:
+        # `run` on a SQLite file another daemon runs on
         stderr.print(f"error: {exc}", markup=False)
         return 2
-    except StoreError as exc:
+    except _raised("StoreError", _API) as exc:
         stderr.print(f"error: {exc}", markup=False)
         return 1
     except KeyboardInterrupt:
@@ -955,30 +997,33 @@ def main(argv: list[str] | None = None) -> int:
         # The machine, not the input: a full disk, a read-only mount, a lost file system.
         stderr.print(f"error: {_os_error(exc)}", markup=False)
         return 1
-    except DatabaseError as exc:
+    except _raised("DatabaseError", _API) as exc:
         # The database refused (e.g. "database or disk is full"); the driver's own message
         # only, without the statement and its parameters.
-        stderr.print(f"error: database: {_one_line(str(exc.orig))}", markup=False)
+        refused: Any = exc
+        stderr.print(f"error: database: {_one_line(str(refused.orig))}", markup=False)
         return 1
     return 0
 
 
-def _click_classes(name: str) -> tuple[type[Exception], ...]:
-    """click's exception `name`, from click and from the copy typer may carry (`typer._click`):
-    the CLI prints them itself, in one line."""
+# click's exceptions, from click and from the copy typer may carry (`typer._click`): the CLI
+# prints them itself, in one line. The API's (and the store's, which it re-exports): whatever
+# the CLI does with a database goes through the API, so with the API not loaded none was raised.
+_CLICK = ("click.exceptions", "typer._click.exceptions")
+_API = "jobqueue.api"
+_INPUTS = "jobqueue.files.inputs"
+_SETTINGS = "jobqueue.settings"
+
+
+def _raised(name: str, *modules: str) -> tuple[type[Exception], ...]:
+    """The exception classes `name` of those of `modules` that are loaded: an exception of a
+    module that is not loaded was not raised, and it stays unloaded."""
     found: list[type[Exception]] = []
-    for module in ("click.exceptions", "typer._click.exceptions"):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
+    for module in modules:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            found.append(cls)
     return tuple(found)
-
-
-_NO_ARGS_IS_HELP = _click_classes("NoArgsIsHelpError")
-_USAGE_ERROR = _click_classes("UsageError")
-_CLICK_EXCEPTION = _click_classes("ClickException")
-_ABORT = _click_classes("Abort")
 
 
 def _os_error(exc: OSError) -> str:

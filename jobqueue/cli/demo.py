@@ -14,17 +14,18 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from jobqueue.api import JobQueue
-from jobqueue.core.records import Event, Job
-from jobqueue.core.states import BATCH_TERMINAL, JobStatus
-from jobqueue.logs import configure_logging
+# The command imports the API, the emulator and the rest when it runs, not when it is
+# registered (`jobqueue --help`).
+if TYPE_CHECKING:
+    from jobqueue.api import JobQueue
+    from jobqueue.core.records import Event, Job
 
 out = Console(highlight=False, soft_wrap=True)
 DEMO_KEY = "sk-jobqueue-demo"
@@ -99,6 +100,10 @@ def demo_command(
     ] = False,
 ) -> None:
     """Run a whole job end to end and show its lifecycle (the emulator unless --remote)."""
+    from jobqueue.api import JobQueue
+    from jobqueue.core.states import JobStatus
+    from jobqueue.logs import configure_logging
+
     root = ctx.find_root().obj
     # The event feed is the show; routine logs would drown it.
     configure_logging("warning", "auto")
@@ -185,6 +190,8 @@ def _print_event(event: Event, labels: dict[str, str], started: float) -> None:
             + (f"problem: {problem}" if problem else "problem cleared")
         )
         return
+    from jobqueue.core.states import BATCH_TERMINAL
+
     counts = event.data.get("request_counts") or {}
     detail = ""
     if event.to_status in BATCH_TERMINAL and counts:

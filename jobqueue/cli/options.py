@@ -4,12 +4,12 @@ job ids and names), the options of a submit (`submit`, `process`), and how a job
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from jobqueue.api import JobQueue
-from jobqueue.core.records import Job
+if TYPE_CHECKING:
+    from jobqueue.core.records import Job
 
 
 def complete_job(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
@@ -18,6 +18,8 @@ def complete_job(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
     # are in the root's params.
     params = ctx.find_root().params
     try:
+        from jobqueue.api import JobQueue
+
         with JobQueue(
             config=params.get("config"),
             database_url=params.get("database_url"),

@@ -21,14 +21,12 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from jobqueue.api import JobQueue, JobQueueError
 from jobqueue.cli.options import (
     AttemptsOption,
     BatchBytesOption,
@@ -44,9 +42,13 @@ from jobqueue.cli.options import (
     job_label,
     submit_options,
 )
-from jobqueue.core.records import Job, RunReport
-from jobqueue.core.states import JobStatus
-from jobqueue.logs import hushed
+
+# Registering the commands loads neither the API nor the daemon's modules (`jobqueue --help`);
+# each command imports them when it runs. These types are for the annotations, which typer does
+# not read: the commands' own parameters name none of them.
+if TYPE_CHECKING:
+    from jobqueue.api import JobQueue
+    from jobqueue.core.records import Job, RunReport
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -71,6 +73,14 @@ class JobProgress:
     bars; off a terminal (or `show=False`) notes are plain lines on stderr."""
 
     def __init__(self, console: Console, show: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         self.console = console
         self.show = show
         self.progress = Progress(
@@ -90,6 +100,8 @@ class JobProgress:
 
     def __enter__(self) -> JobProgress:
         if self.show:
+            from jobqueue.logs import hushed
+
             self._stack.enter_context(hushed())
         self._stack.enter_context(self.progress)
         for name in ("remote", "collected"):
@@ -223,6 +235,8 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
             stderr.print(f"{job.id} {job.status}: {_summary(job)}", markup=False)
         if not job.done:
             raise typer.Exit(EXIT_TIMEOUT)
+        from jobqueue.core.states import JobStatus
+
         raise typer.Exit(
             EXIT_COMPLETED if job.status == JobStatus.COMPLETED else EXIT_NOT_COMPLETED
         )
@@ -326,6 +340,9 @@ def register(app: typer.Typer, queue_of: Any, print_json: Any) -> None:
                 f"batch{'es' if len(job.batches) != 1 else ''} as job {job_label(job)}",
                 markup=False,
             )
+        from jobqueue.core.records import RunReport
+        from jobqueue.core.states import JobStatus
+
         report = RunReport()
         stop = threading.Event()
         if not job.done:
@@ -407,6 +424,8 @@ def _write_results(
         except BrokenPipeError:
             raise
         except OSError as exc:
+            from jobqueue.api import JobQueueError
+
             raise JobQueueError(f"cannot write the results to stdout: {exc.strerror}") from None
         return written
     part = output.with_name(output.name + ".part")
