@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from jobqueue import tokens
-from jobqueue.core.costs import PriceTable, Usage, sum_costs
+from jobqueue.core.costs import PriceTable, Usage, submitted_estimate, sum_costs
 from jobqueue.core.durations import parse_duration
 from jobqueue.core.ids import looks_like_id, new_id
 from jobqueue.core.records import (
@@ -306,16 +306,11 @@ class JobQueue:
                 self._check_priced((shard.model for shard in prepared.shards), max_cost)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 shards = prepared.move_to(final).shards
-                # What a budget and the enqueued-token limits count with: each request's
-                # input tokens and output bound (`jobqueue.tokens`), in one more pass over the
-                # shards; without either, the rough bytes / 4 (the pass costs ~5 µs a request).
-                guesses: dict[int, tuple[int, int | None]] = {
-                    s.index: (s.estimated_tokens, None) for s in shards
-                }
-                if max_cost is not None or self.settings.enqueued_token_limit is not None:
-                    for s in shards:
-                        plan = _shard_plan(endpoint, s)
-                        guesses[s.index] = (plan.input_tokens, plan.max_output_tokens)
+                # Each shard's estimate, what a budget, the enqueued-token limits and the
+                # queued events count with: its requests' input tokens and output bound
+                # (`jobqueue.tokens`), in one more pass over the shards (~5-6 µs a request,
+                # `benchmarks/estimates.py`), whether or not the job has a budget.
+                guesses = {s.index: _estimate_file(endpoint, s.path) for s in shards}
                 job = {
                     "id": job_id,
                     "number": job_number,
@@ -542,7 +537,19 @@ class JobQueue:
             usage: dict[str, dict[str | None, Usage]] = {row.id: {} for row in rows}
             for found in costs.usage_by_job_and_model(conn, usage):
                 usage[found.job_id][found.model] = found.usage
-            jobs = [Job.from_row(row, prices=self.prices, usage=usage[row.id]) for row in rows]
+            firsts: dict[str, list[Any]] = {row.id: [] for row in rows}
+            for batch in costs.first_attempt_estimates(conn, firsts):
+                firsts[batch.job_id].append(batch)
+            prices = self.prices
+            jobs = [
+                Job.from_row(
+                    row,
+                    prices=prices,
+                    usage=usage[row.id],
+                    estimate=submitted_estimate(prices, firsts[row.id]),
+                )
+                for row in rows
+            ]
             return self._with_short_ids(conn, jobs)
 
     def short_ids(self, job_ids: Iterable[str]) -> dict[str, str]:
@@ -597,8 +604,8 @@ class JobQueue:
         from jobqueue.core.problems import ProblemSource
         from jobqueue.store.problems import clear_problem
 
-        # The queued batches' estimates, as a job submitted with a budget has them (one
-        # submitted without has the rough bytes / 4 and no output bound).
+        # The queued batches' estimates again: a job queued by an older jobqueue, which
+        # estimated only under a budget, has the rough bytes / 4 and no output bound.
         with self.store.read() as conn:
             row = self.job_row(conn, job_id)
             queued = [b for b in self.store.job_batches(conn, row.id) if b.status == "queued"]

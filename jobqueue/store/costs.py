@@ -136,6 +136,24 @@ def usage_by_job_and_model(conn: Connection, job_ids: Iterable[str]) -> list[Mod
     ]
 
 
+def first_attempt_estimates(conn: Connection, job_ids: Iterable[str]) -> list[Row[Any]]:
+    """The estimate columns of these jobs' first-attempt batches (`job_id`, `number`,
+    `shard_index`, `attempt`, `model`, `estimated_tokens`, `max_output_tokens`): what
+    `jobqueue.core.costs.submitted_estimate` sums."""
+    wanted = list(job_ids)
+    if not wanted:
+        return []
+    b = batches_table
+    return list(
+        conn.execute(
+            select(
+                b.c.job_id, b.c.number, b.c.shard_index, b.c.attempt, b.c.model,
+                b.c.estimated_tokens, b.c.max_output_tokens,
+            ).where(b.c.job_id.in_(wanted), b.c.attempt == 1)
+        )
+    )  # fmt: skip
+
+
 def usage_by_model(conn: Connection) -> dict[str | None, Usage]:
     """Every collected batch's tokens, summed by model (the Prometheus metrics)."""
     b = batches_table
