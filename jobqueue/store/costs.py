@@ -117,7 +117,10 @@ class ModelUsage:
 
 
 def usage_by_job_and_model(conn: Connection, job_ids: Iterable[str]) -> list[ModelUsage]:
-    """The collected usage of these jobs, by job and model (batches whose usage is known)."""
+    """The collected usage of these jobs, by job and model, in that order (the batch's
+    `model`; None for batches without one): batches not collected yet (or collected before
+    usage was recorded) count nothing, and a job with none has no line. The one query of a
+    job's usage (`Job.usage` in `jobs`, `jobqueue cost`, the job's end event)."""
     wanted = list(job_ids)
     if not wanted:
         return []
