@@ -1,12 +1,12 @@
-"""The estimate pass of a submit with a budget (or an enqueued-token limit) beside the intake.
+"""The estimate pass of a submit beside the intake.
 
     python benchmarks/estimates.py [--requests 100000] [--words 180] [--runs 2]
 
 Writes a chat input file of `--requests` requests of `--words` random dictionary words each
 (~1.3 KB a line at 180 words, with `max_tokens` set), then, `--runs` times in this process:
 `prepare_input` (validation and sharding, not fsynced) and the pass that estimates each shard's
-input tokens and output bound (`jobqueue.api._shard_plan`, what `JobQueue.submit` does when the
-job has a budget or an enqueued-token limit is set). Prints the seconds of each and their ratio.
+input tokens and output bound (`jobqueue.api._shard_plan`, what `JobQueue.submit` does for
+every job). Prints the seconds of each and their ratio.
 """
 
 from __future__ import annotations

@@ -169,6 +169,9 @@ timeout = 20
     for key in ("estimated_input_tokens", "max_output_tokens", "estimated_cost"):
         assert status[key] == queued["data"][key]
     assert sum(b["cost"] for b in status["batches"]) == pytest.approx(cost)
+    assert main([*base, "status", job.id]) == 0
+    shown = capsys.readouterr().out
+    assert f"~{expected_in:,} tokens in, at most {30 * MAX_TOKENS:,} out" in shown
     assert main([*base, "status", "--json"]) == 0
     (listed,) = json.loads(capsys.readouterr().out)
     assert listed["cost"] == pytest.approx(cost)
