@@ -306,11 +306,6 @@ class JobQueue:
                 self._check_priced((shard.model for shard in prepared.shards), max_cost)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 shards = prepared.move_to(final).shards
-                # Each shard's estimate, what a budget, the enqueued-token limits and the
-                # queued events count with: its requests' input tokens and output bound
-                # (`jobqueue.tokens`), in one more pass over the shards (~5-6 µs a request,
-                # `benchmarks/estimates.py`), whether or not the job has a budget.
-                guesses = {s.index: _estimate_file(endpoint, s.path) for s in shards}
                 job = {
                     "id": job_id,
                     "number": job_number,
@@ -345,8 +340,11 @@ class JobQueue:
                         "input_path": str(shard.path),
                         "request_count": shard.requests,
                         "bytes": shard.bytes,
-                        "estimated_tokens": guesses[shard.index][0],
-                        "max_output_tokens": guesses[shard.index][1],
+                        # What a budget, the enqueued-token limits and the queued events
+                        # count with: the requests' input tokens and output bound, estimated
+                        # (`jobqueue.tokens`) while each line was validated.
+                        "estimated_tokens": shard.estimated_tokens,
+                        "max_output_tokens": shard.max_output_tokens,
                         "created_at": now,
                         "updated_at": now,
                     }
@@ -456,7 +454,7 @@ class JobQueue:
             prepared = inputs.prepare_input(
                 source, endpoint, scratch / "input", _limits(options), sync=False
             )
-            shards = tuple(_shard_plan(endpoint, shard, self.prices) for shard in prepared.shards)
+            shards = tuple(_shard_plan(shard, self.prices) for shard in prepared.shards)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return SubmitPlan(
@@ -1114,10 +1112,10 @@ def _limits(options: Mapping[str, Any]) -> inputs.Limits:
     )
 
 
-def _shard_plan(endpoint: str, shard: inputs.Shard, prices: PriceTable | None = None) -> ShardPlan:
-    """A shard's size and token estimate (`jobqueue.tokens`), read back from its file, and
+def _shard_plan(shard: inputs.Shard, prices: PriceTable | None = None) -> ShardPlan:
+    """A shard's size and token estimate (`jobqueue.tokens`, made while it was validated), and
     with `prices` its estimated cost."""
-    input_tokens, output = _estimate_file(endpoint, shard.path)
+    input_tokens, output = shard.estimated_tokens, shard.max_output_tokens
     cost = prices.estimate(shard.model, input_tokens, output) if prices is not None else None
     return ShardPlan(
         shard.index, shard.model, shard.requests, shard.bytes, input_tokens, output,
