@@ -602,11 +602,18 @@ class JobQueue:
         from jobqueue.core.problems import ProblemSource
         from jobqueue.store.problems import clear_problem
 
-        # The queued batches' estimates again: a job queued by an older jobqueue, which
-        # estimated only under a budget, has the rough bytes / 4 and no output bound.
+        # A job queued by an older jobqueue, which estimated only under a budget, has the
+        # rough bytes / 4 and no output bound: those queued batches are estimated now (one
+        # whose real estimate happens to be that figure is estimated again, to the same).
         with self.store.read() as conn:
             row = self.job_row(conn, job_id)
-            queued = [b for b in self.store.job_batches(conn, row.id) if b.status == "queued"]
+            queued = [
+                b
+                for b in self.store.job_batches(conn, row.id)
+                if b.status == "queued"
+                and b.max_output_tokens is None
+                and b.estimated_tokens == b.bytes // 4
+            ]
         estimates = {}
         if value is not None:
             try:
