@@ -1,12 +1,14 @@
-"""The estimate pass of a submit with a budget (or an enqueued-token limit) beside the intake.
+"""What a submit's token estimate costs beside the intake.
 
     python benchmarks/estimates.py [--requests 100000] [--words 180] [--runs 2]
 
 Writes a chat input file of `--requests` requests of `--words` random dictionary words each
 (~1.3 KB a line at 180 words, with `max_tokens` set), then, `--runs` times in this process:
-`prepare_input` (validation and sharding, not fsynced) and the pass that estimates each shard's
-input tokens and output bound (`jobqueue.api._shard_plan`, what `JobQueue.submit` does when the
-job has a budget or an enqueued-token limit is set). Prints the seconds of each and their ratio.
+`prepare_input` (validation and sharding, not fsynced) without the estimate, the same with it
+(`estimate=True`, what `JobQueue.submit` does for every job: each body estimated as its line is
+validated), and the separate pass over the shards that submit ran before (every line read and
+parsed again, `jobqueue.api._estimate_file`; `set_budget` still does it). Prints the seconds of
+each and what the estimate adds a request.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from jobqueue.api import _shard_plan
+from jobqueue.api import _estimate_file
 from jobqueue.files import inputs
 
 ENDPOINT = "/v1/chat/completions"
@@ -48,18 +50,23 @@ def main() -> None:
         print(
             f"{args.requests:,} requests, {size / 1e6:,.0f} MB ({size / args.requests:,.0f} B each)"
         )
+        n = args.requests
         for run in range(1, args.runs + 1):
             start = time.perf_counter()
-            prepared = inputs.prepare_input(src, ENDPOINT, Path(tmp) / f"s{run}", sync=False)
-            middle = time.perf_counter()
+            inputs.prepare_input(src, ENDPOINT, Path(tmp) / f"a{run}", sync=False, estimate=False)
+            bare = time.perf_counter() - start
+            start = time.perf_counter()
+            prepared = inputs.prepare_input(src, ENDPOINT, Path(tmp) / f"b{run}", sync=False)
+            inline = time.perf_counter() - start
+            start = time.perf_counter()
             for shard in prepared.shards:
-                _shard_plan(ENDPOINT, shard)
-            end = time.perf_counter()
-            intake, estimate = middle - start, end - middle
+                _estimate_file(ENDPOINT, shard.path)
+            separate = time.perf_counter() - start
             print(
-                f"run {run}: prepare_input {intake:.2f} s, estimate pass {estimate:.2f} s "
-                f"({estimate / intake:.0%} of it; "
-                f"{estimate / args.requests * 1e6:.1f} µs a request)"
+                f"run {run}: prepare_input {bare:.2f} s without the estimate, {inline:.2f} s "
+                f"with it (+{(inline - bare) / n * 1e6:.1f} µs a request, "
+                f"{(inline - bare) / bare:+.0%}); the separate pass {separate:.2f} s "
+                f"({separate / n * 1e6:.1f} µs a request, {separate / bare:+.0%})"
             )
 
 

@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from jobqueue import tokens
-from jobqueue.core.costs import PriceTable, Usage, sum_costs
+from jobqueue.core.costs import PriceTable, Usage, submitted_estimate, sum_costs
 from jobqueue.core.durations import parse_duration
 from jobqueue.core.ids import looks_like_id, new_id
 from jobqueue.core.records import (
@@ -306,16 +306,6 @@ class JobQueue:
                 self._check_priced((shard.model for shard in prepared.shards), max_cost)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 shards = prepared.move_to(final).shards
-                # What a budget and the enqueued-token limits count with: each request's
-                # input tokens and output bound (`jobqueue.tokens`), in one more pass over the
-                # shards; without either, the rough bytes / 4 (the pass costs ~5 µs a request).
-                guesses: dict[int, tuple[int, int | None]] = {
-                    s.index: (s.estimated_tokens, None) for s in shards
-                }
-                if max_cost is not None or self.settings.enqueued_token_limit is not None:
-                    for s in shards:
-                        plan = _shard_plan(endpoint, s)
-                        guesses[s.index] = (plan.input_tokens, plan.max_output_tokens)
                 job = {
                     "id": job_id,
                     "number": job_number,
@@ -350,8 +340,11 @@ class JobQueue:
                         "input_path": str(shard.path),
                         "request_count": shard.requests,
                         "bytes": shard.bytes,
-                        "estimated_tokens": guesses[shard.index][0],
-                        "max_output_tokens": guesses[shard.index][1],
+                        # What a budget, the enqueued-token limits and the queued events
+                        # count with: the requests' input tokens and output bound, estimated
+                        # (`jobqueue.tokens`) while each line was validated.
+                        "estimated_tokens": shard.estimated_tokens,
+                        "max_output_tokens": shard.max_output_tokens,
                         "created_at": now,
                         "updated_at": now,
                     }
@@ -461,7 +454,7 @@ class JobQueue:
             prepared = inputs.prepare_input(
                 source, endpoint, scratch / "input", _limits(options), sync=False
             )
-            shards = tuple(_shard_plan(endpoint, shard, self.prices) for shard in prepared.shards)
+            shards = tuple(_shard_plan(shard, self.prices) for shard in prepared.shards)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return SubmitPlan(
@@ -542,7 +535,19 @@ class JobQueue:
             usage: dict[str, dict[str | None, Usage]] = {row.id: {} for row in rows}
             for found in costs.usage_by_job_and_model(conn, usage):
                 usage[found.job_id][found.model] = found.usage
-            jobs = [Job.from_row(row, prices=self.prices, usage=usage[row.id]) for row in rows]
+            firsts: dict[str, list[Any]] = {row.id: [] for row in rows}
+            for batch in costs.first_attempt_estimates(conn, firsts):
+                firsts[batch.job_id].append(batch)
+            prices = self.prices
+            jobs = [
+                Job.from_row(
+                    row,
+                    prices=prices,
+                    usage=usage[row.id],
+                    estimate=submitted_estimate(prices, firsts[row.id]),
+                )
+                for row in rows
+            ]
             return self._with_short_ids(conn, jobs)
 
     def short_ids(self, job_ids: Iterable[str]) -> dict[str, str]:
@@ -597,11 +602,18 @@ class JobQueue:
         from jobqueue.core.problems import ProblemSource
         from jobqueue.store.problems import clear_problem
 
-        # The queued batches' estimates, as a job submitted with a budget has them (one
-        # submitted without has the rough bytes / 4 and no output bound).
+        # A job queued by an older jobqueue, which estimated only under a budget, has the
+        # rough bytes / 4 and no output bound: those queued batches are estimated now (one
+        # whose real estimate happens to be that figure is estimated again, to the same).
         with self.store.read() as conn:
             row = self.job_row(conn, job_id)
-            queued = [b for b in self.store.job_batches(conn, row.id) if b.status == "queued"]
+            queued = [
+                b
+                for b in self.store.job_batches(conn, row.id)
+                if b.status == "queued"
+                and b.max_output_tokens is None
+                and b.estimated_tokens == b.bytes // 4
+            ]
         estimates = {}
         if value is not None:
             try:
@@ -1107,10 +1119,10 @@ def _limits(options: Mapping[str, Any]) -> inputs.Limits:
     )
 
 
-def _shard_plan(endpoint: str, shard: inputs.Shard, prices: PriceTable | None = None) -> ShardPlan:
-    """A shard's size and token estimate (`jobqueue.tokens`), read back from its file, and
+def _shard_plan(shard: inputs.Shard, prices: PriceTable | None = None) -> ShardPlan:
+    """A shard's size and token estimate (`jobqueue.tokens`, made while it was validated), and
     with `prices` its estimated cost."""
-    input_tokens, output = _estimate_file(endpoint, shard.path)
+    input_tokens, output = shard.estimated_tokens, shard.max_output_tokens
     cost = prices.estimate(shard.model, input_tokens, output) if prices is not None else None
     return ShardPlan(
         shard.index, shard.model, shard.requests, shard.bytes, input_tokens, output,

@@ -242,6 +242,35 @@ def test_budget_command_sets_and_takes_off_a_budget(
             jq.set_budget(job.id, 3)
 
 
+def test_a_job_from_before_every_submit_estimated_is_estimated_when_given_a_budget(
+    tmp_path: Path,
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", _lines(4, max_tokens=50))
+    with JobQueue(database_url=f"sqlite:///{tmp_path / 'jq.db'}", data_dir=tmp_path / "data",
+                  prices=FIXED) as jq:  # fmt: skip
+        job = jq.submit(source, ENDPOINT, max_batch_requests=2)
+        real = {b.id: (b.estimated_input_tokens, b.max_output_tokens) for b in job.batches}
+        assert all(out == 100 for _, out in real.values())
+        with jq.store.write() as conn:  # what an older jobqueue recorded without a budget
+            conn.execute(batches_table.update().where(batches_table.c.job_id == job.id)
+                         .values(estimated_tokens=batches_table.c.bytes // 4,
+                                 max_output_tokens=None))  # fmt: skip
+        rough = jq.get(job.id)
+        assert all(b.max_output_tokens is None for b in rough.batches)
+        assert rough.estimate is not None and rough.estimate.cost_max is None
+        again = jq.set_budget(job.id, 10)
+        assert {
+            b.id: (b.estimated_input_tokens, b.max_output_tokens) for b in again.batches
+        } == real
+        assert again.estimate is not None and again.estimate.cost_max == pytest.approx(
+            sum(_estimated_usd(i, o) for i, o in real.values())
+        )
+
+
+def _estimated_usd(input_tokens: int, output_tokens: int) -> float:
+    return (input_tokens * 2.0 + output_tokens * 8.0) / 1e6
+
+
 # -- jobqueue cost ---------------------------------------------------------------------------
 
 

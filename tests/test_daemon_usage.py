@@ -1,6 +1,6 @@
 """Usage recorded while collecting, through the daemon against the emulator (its output
 shuffled), on SQLite and PostgreSQL: each request's tokens from its response body, summed per
-batch equal to the emulator's own batch usage, and per job by model (`job_usage`)."""
+batch equal to the emulator's own batch usage, and per job by model (`usage_by_job_and_model`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from jobqueue.api import JobQueue
 from jobqueue.emulator import EmulatorConfig, serve_in_thread
 from jobqueue.files.results import TOKEN_KINDS
-from jobqueue.store.usage import job_usage, remote_tokens
+from jobqueue.store.costs import usage_by_job_and_model
+from jobqueue.store.usage import remote_tokens
 from tests.daemon_helpers import API_KEY, make_queue
 from tests.factories import write_jsonl
 
@@ -74,7 +75,7 @@ def test_request_usage_sums_to_the_remote_batch_usage(
                 f"WHERE r.job_number = {number} GROUP BY r.batch_number"
             ).all()
         }
-        usage = job_usage(conn, job.id)
+        usage = {u.model: u.usage.to_dict() for u in usage_by_job_and_model(conn, [job.id])}
     assert len(batches) >= 6
     by_model: dict[str | None, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TOKEN_KINDS, 0))
     for batch_number, model, remote, *summed in batches:

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from jobqueue import tokens
 from jobqueue.files import inputs
 from jobqueue.files.inputs import (
     ENDPOINTS,
@@ -295,7 +296,9 @@ def test_single_shard_byte_identical(tmp_path: Path) -> None:
     assert (shard.index, shard.first_position, shard.requests) == (0, 0, 10)
     assert shard.bytes == prepared.bytes == sum(map(len, lines))
     assert shard.model == "gpt-4o-mini" and prepared.models == ["gpt-4o-mini"]
-    assert shard.estimated_tokens == shard.bytes // 4
+    assert shard.estimated_tokens == sum(tokens.input_tokens(CHAT, orjson.loads(x)["body"])
+                                         for x in lines)  # fmt: skip
+    assert shard.max_output_tokens is None  # no request bounds its output
     assert shard.positions_path is None
     assert prepared.staging_dir == tmp_path / "staging"
 
@@ -387,6 +390,35 @@ def test_many_models_bounded_open_shards(tmp_path: Path, monkeypatch: pytest.Mon
     assert all(len({s.model}) == 1 for s in prepared.shards)
     seen = sorted(p for s in prepared.shards for p, _ in shard_requests(s))
     assert seen == list(range(6))
+
+
+def test_estimates_made_while_validating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each shard sums its own requests' estimates, through model switches, shards closed early
+    (too many models open) and shards cut at their limit; `estimate=False` keeps bytes // 4."""
+    monkeypatch.setattr(inputs, "MAX_OPEN_SHARDS", 2)
+    models = ["a", "b", "a", "c", "b", "a", "a", "c", "a", "b"]
+    reqs = [
+        req(
+            f"r{i}",
+            model=m,
+            max_tokens=10 * (i + 1),
+            messages=[{"role": "user", "content": "x" * i * 7}],
+        )
+        for i, m in enumerate(models)
+    ]
+    reqs[7]["body"].pop("max_tokens")  # one of c's requests sets no bound
+    prepared = prepare(tmp_path, *reqs, max_requests=2)
+    assert sum(s.requests for s in prepared.shards) == len(reqs)
+    for shard in prepared.shards:
+        bodies = [reqs[p]["body"] for p, _ in shard_requests(shard)]
+        assert shard.estimated_tokens == sum(tokens.input_tokens(CHAT, b) for b in bodies)
+        bounds = [b.get("max_tokens") for b in bodies]
+        assert shard.max_output_tokens == (None if None in bounds else sum(bounds))
+    assert [s.max_output_tokens for s in prepared.shards if s.model == "c"].count(None) == 1
+    rough = prepare_input(write(tmp_path / "again.jsonl", *reqs), CHAT, tmp_path / "rough",
+                          Limits(max_requests=2), sync=False, estimate=False)  # fmt: skip
+    assert all(s.estimated_tokens == s.bytes // 4 for s in rough.shards)
+    assert all(s.max_output_tokens is None for s in rough.shards)
 
 
 def test_ids_any_character(tmp_path: Path) -> None:

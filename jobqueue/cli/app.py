@@ -397,6 +397,14 @@ def _print_job(job: Job) -> None:
             stdout.print(f"             {model or '-'}: {usd(cost)}", markup=False)
     if job.max_cost is not None:
         stdout.print(f"  budget     {usd(job.max_cost)}", markup=False)
+    if job.estimate is not None:
+        est = job.estimate
+        out = "unbounded" if est.max_output_tokens is None else f"at most {est.max_output_tokens:,}"
+        stdout.print(
+            f"  estimate   {_cost_range(est.cost_min, est.cost_max)} "
+            f"(~{est.input_tokens:,} tokens in, {out} out; at submit)",
+            markup=False,
+        )
     stdout.print(f"  created    {job.created_at:%Y-%m-%d %H:%M:%S %Z}")
     if job.deadline_at:
         stdout.print(f"  deadline   {job.deadline_at:%Y-%m-%d %H:%M:%S %Z}")

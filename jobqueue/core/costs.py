@@ -103,6 +103,68 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class CostEstimate:
+    """What a batch (or a job: its batches summed) is estimated to cost before it runs: its
+    input tokens (`jobqueue.tokens`), the most output tokens its requests allow (None: some
+    request sets no bound), and the cost range at the price table's prices: `cost_min` the
+    input alone, `cost_max` the input and the most output (None: a model without a price,
+    and for `cost_max` also no output bound). Unknown is None, never 0."""
+
+    input_tokens: int = 0
+    max_output_tokens: int | None = 0
+    cost_min: float | None = 0.0
+    cost_max: float | None = 0.0
+
+    @classmethod
+    def of(
+        cls, prices: PriceTable, model: str | None, input_tokens: int, max_output: int | None
+    ) -> CostEstimate:
+        cost = prices.estimate(model, input_tokens, max_output)
+        return cls(input_tokens, max_output, cost.low, cost.high)
+
+    def __add__(self, other: CostEstimate) -> CostEstimate:
+        out = self.max_output_tokens
+        return CostEstimate(
+            self.input_tokens + other.input_tokens,
+            None
+            if out is None or other.max_output_tokens is None
+            else out + other.max_output_tokens,
+            sum_costs((self.cost_min, other.cost_min)),
+            sum_costs((self.cost_max, other.cost_max)),
+        )
+
+    def to_data(self) -> dict[str, Any]:
+        """As events and JSON carry it (`batch.queued`, `job.queued`, `status --json`)."""
+        return {
+            "estimated_input_tokens": self.input_tokens,
+            "max_output_tokens": self.max_output_tokens,
+            "estimated_cost": {"min": round_usd(self.cost_min), "max": round_usd(self.cost_max)},
+        }
+
+
+def submitted_estimate(prices: PriceTable, batches: Iterable[Any]) -> CostEstimate | None:
+    """A job's estimate as it was submitted: its first batch of each shard of the input
+    (attempt 1; a batch the enqueued-token limit sent back and queued again counts once;
+    retries of failed requests not at all), from rows with `number`, `shard_index`,
+    `attempt`, `model`, `estimated_tokens` and `max_output_tokens`. None without batches."""
+    first: dict[int, Any] = {}
+    for row in batches:
+        if row.attempt != 1:
+            continue
+        seen = first.get(row.shard_index)
+        if seen is None or row.number < seen.number:
+            first[row.shard_index] = row
+    if not first:
+        return None
+    total = CostEstimate()
+    for row in first.values():
+        total = total + CostEstimate.of(
+            prices, row.model, int(row.estimated_tokens or 0), row.max_output_tokens
+        )
+    return total
+
+
+@dataclass(frozen=True)
 class PriceTable:
     prices: dict[str, Price] = field(default_factory=dict)
     date: str | None = None

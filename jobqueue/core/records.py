@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from jobqueue.core.costs import PriceTable, Usage, round_usd, sum_costs
+from jobqueue.core.costs import (
+    CostEstimate,
+    PriceTable,
+    Usage,
+    round_usd,
+    submitted_estimate,
+    sum_costs,
+)
 from jobqueue.core.states import JOB_TERMINAL
 from jobqueue.core.times import iso
 
@@ -73,6 +80,8 @@ class Batch:
     max_output_tokens: int | None = None
     # The remote batch object's own usage, as it reported it (None: it reported none).
     remote_usage: Usage | None = None
+    # The estimate priced: its tokens and cost range (None when read without a price table).
+    estimate: CostEstimate | None = None
 
     @property
     def created_at(self) -> datetime:
@@ -105,6 +114,13 @@ class Batch:
             estimated_input_tokens=int(row.estimated_tokens or 0),
             max_output_tokens=row.max_output_tokens,
             remote_usage=Usage.of_remote(row.usage),
+            estimate=(
+                CostEstimate.of(
+                    prices, row.model, int(row.estimated_tokens or 0), row.max_output_tokens
+                )
+                if prices is not None
+                else None
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +141,7 @@ class Batch:
             "remote_usage": self.remote_usage.to_dict() if self.remote_usage else None,
             "estimated_input_tokens": self.estimated_input_tokens,
             "max_output_tokens": self.max_output_tokens,
+            "estimated_cost": _estimated_cost(self.estimate),
             **{name: _iso(value) for name, value in self.times.items()},
         }
 
@@ -166,6 +183,9 @@ class Job:
     usage_by_model: dict[str | None, Usage] = field(default_factory=dict)
     cost_by_model: dict[str | None, float | None] = field(default_factory=dict)
     max_cost: float | None = None
+    # What the job was estimated to cost when it was submitted (`submitted_estimate`: its
+    # input's shards, retries not counted); None when read without a price table.
+    estimate: CostEstimate | None = None
 
     @property
     def usage(self) -> Usage | None:
@@ -216,9 +236,11 @@ class Job:
         *,
         prices: PriceTable | None = None,
         usage: dict[str | None, Usage] | None = None,
+        estimate: CostEstimate | None = None,
     ) -> Job:
         """The job of a row; with `prices`, its cost from `usage` (model -> collected tokens),
-        or from its batches' usage when not given."""
+        or from its batches' usage when not given, and its estimate (`estimate`, else from its
+        batches)."""
         if usage is None:
             usage = {}
             for b in batches or ():
@@ -226,6 +248,8 @@ class Job:
                 if found is not None:
                     usage[b.model] = usage.get(b.model, Usage()) + found
         costs = {m: prices.cost(m, u) for m, u in usage.items()} if prices is not None else {}
+        if estimate is None and prices is not None and batches:
+            estimate = submitted_estimate(prices, batches)
         return cls(
             id=row.id,
             status=row.status,
@@ -254,6 +278,7 @@ class Job:
             usage_by_model=usage,
             cost_by_model=costs,
             max_cost=row.max_cost,
+            estimate=estimate,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,6 +308,7 @@ class Job:
             "usage": usage.to_dict() if usage is not None else None,
             "cost": round_usd(self.cost),
             "max_cost": self.max_cost,
+            **(self.estimate.to_data() if self.estimate is not None else _NO_ESTIMATE),
             "usage_by_model": [
                 {"model": model, **u.to_dict(), "cost": round_usd(self.cost_by_model.get(model))}
                 for model, u in self.usage_by_model.items()
@@ -564,6 +590,13 @@ class Delivery:
             "next_attempt_at": iso(self.next_attempt_at) if self.status == "pending" else None,
             "updated_at": iso(self.updated_at),
         }
+
+
+_NO_ESTIMATE = {"estimated_input_tokens": None, "max_output_tokens": None, "estimated_cost": None}
+
+
+def _estimated_cost(estimate: CostEstimate | None) -> dict[str, float | None] | None:
+    return estimate.to_data()["estimated_cost"] if estimate is not None else None
 
 
 def _iso(value: datetime | None) -> str | None:

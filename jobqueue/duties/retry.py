@@ -15,7 +15,9 @@ from typing import Any
 
 import orjson
 
+from jobqueue import tokens
 from jobqueue.core import memory
+from jobqueue.core.costs import PriceTable
 from jobqueue.core.ids import new_id
 from jobqueue.core.lifecycle import job_may_retry
 from jobqueue.duties.context import DutyContext
@@ -63,7 +65,7 @@ def retry_job(ctx: DutyContext, job_id: str) -> int:
             shards = _write_retry_shards(ctx, job, sources, count)
             try:
                 with ctx.store.write(bulk=True) as conn:
-                    made += _record_retry_batches(conn, job, shards, now)
+                    made += _record_retry_batches(conn, job, shards, now, ctx.prices)
             except BaseException:
                 for shard in shards:
                     Path(shard["path"]).unlink(missing_ok=True)
@@ -148,6 +150,7 @@ def _write_retry_shards(
         shard = {
             "id": shard_id, "path": path, "file": path.open("wb"), "model": model,
             "attempt": attempt, "requests": [], "sources": set(), "bytes": 0, "tokens": 0,
+            "max_output": 0,
         }  # fmt: skip
         shards.append(shard)
         open_by_model[model] = shard
@@ -160,7 +163,8 @@ def _write_retry_shards(
                 for line in f:
                     if not line.strip():
                         continue
-                    request = wanted.get(orjson.loads(line).get("custom_id"))
+                    obj = orjson.loads(line)
+                    request = wanted.get(obj.get("custom_id"))
                     if request is None:
                         continue
                     position, number, attempt = request
@@ -177,7 +181,12 @@ def _write_retry_shards(
                         shard = start(model, attempt + 1)
                     shard["file"].write(line)
                     shard["bytes"] += len(line)
-                    shard["tokens"] += len(line) // 4
+                    # The same estimate as intake's (`jobqueue.tokens`), of the parsed line.
+                    guess = tokens.estimate(job.endpoint, obj.get("body"))
+                    shard["tokens"] += guess.input_tokens
+                    if shard["max_output"] is not None:
+                        bound = guess.max_output_tokens
+                        shard["max_output"] = None if bound is None else shard["max_output"] + bound
                     shard["attempt"] = max(shard["attempt"], attempt + 1)
                     shard["requests"].append((position, number))
                     shard["sources"].add(source.batch_id)
@@ -195,7 +204,7 @@ def _write_retry_shards(
 
 
 def _record_retry_batches(
-    conn: Connection, job: Row, shards: list[dict[str, Any]], now: float
+    conn: Connection, job: Row, shards: list[dict[str, Any]], now: float, prices: PriceTable
 ) -> int:
     next_index = batches.last_shard_index(conn, job.id) + 1
     for shard in shards:
@@ -209,10 +218,10 @@ def _record_retry_batches(
             "id": shard["id"], "job_id": job.id, "number": number, "shard_index": next_index,
             "attempt": shard["attempt"], "model": shard["model"], "input_path": str(shard["path"]),
             "request_count": len(moving), "bytes": shard["bytes"],
-            "estimated_tokens": shard["tokens"],
+            "estimated_tokens": shard["tokens"], "max_output_tokens": shard["max_output"],
         }  # fmt: skip
         batches.insert_queued_batches(
-            conn, [new], now=now, data=[{"retry_of": sorted(shard["sources"])}]
+            conn, [new], now=now, data=[{"retry_of": sorted(shard["sources"])}], prices=prices
         )
         next_index += 1
     return len(shards)

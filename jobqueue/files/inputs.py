@@ -40,6 +40,7 @@ from typing import BinaryIO
 
 import orjson
 
+from jobqueue import tokens
 from jobqueue.core.paths import file_kind
 from jobqueue.files import dupkeys
 from jobqueue.files.dupkeys import READ_BUFFER as _READ_BUFFER
@@ -145,7 +146,11 @@ class Shard:
     requests: int
     bytes: int
     model: str | None
-    estimated_tokens: int  # rough: line bytes // 4, an over-estimate for the token budget
+    # The requests' input tokens (`jobqueue.tokens`' heuristic) and the most output tokens they
+    # allow (None: some request sets no bound); without `estimate`, the rough line bytes // 4
+    # and None.
+    estimated_tokens: int
+    max_output_tokens: int | None = None
 
 
 @dataclass
@@ -214,12 +219,14 @@ class _OpenShard:
         "ids_path",
         "index",
         "inputs",
+        "max_output",
         "model",
         "next_position",
         "path",
         "pos_f",
         "positions_path",
         "requests",
+        "tokens",
     )
 
     def __init__(self, staging: Path, index: int, model: str | None, position: int) -> None:
@@ -236,6 +243,8 @@ class _OpenShard:
         self.requests = 0
         self.bytes = 0
         self.inputs = 0
+        self.tokens: int | None = None  # None: not estimated (bytes // 4)
+        self.max_output: int | None = None
 
     def start_positions(self, next_position: int) -> Callable[[bytes], object]:
         """The next line does not follow the previous one: record positions from now on.
@@ -263,7 +272,8 @@ class _OpenShard:
             requests=self.requests,
             bytes=self.bytes,
             model=self.model,
-            estimated_tokens=self.bytes // 4,
+            estimated_tokens=self.bytes // 4 if self.tokens is None else self.tokens,
+            max_output_tokens=None if self.tokens is None else self.max_output,
         )
 
     def abandon(self) -> None:
@@ -303,8 +313,13 @@ def prepare_input(
     *,
     sync: bool = True,
     on_shard: Callable[[Shard], None] | None = None,
+    estimate: bool = True,
 ) -> PreparedInput:
     """Validate `source` and write its shards into `staging_dir` (created; must be empty).
+
+    With `estimate`, each request's tokens are estimated as its line is validated
+    (`jobqueue.tokens.estimate` of its body, parsed there already): `Shard.estimated_tokens` and
+    `Shard.max_output_tokens` sum them; without, a shard has its bytes // 4 and no bound.
 
     `on_shard` is called with each shard as soon as it is complete (closed, and fsynced with
     `sync`), in the order shards complete, while the rest of the file is still being read: the
@@ -331,8 +346,9 @@ def prepare_input(
             scan = dupkeys.DuplicateKeyScan(source, identity, max_line, MAX_KEPT_PROBLEMS)
         try:
             return _prepare(
-                f, source, endpoint, staging_dir, limits, sync, open_shards, on_shard, scan
-            )
+                f, source, endpoint, staging_dir, limits, sync, open_shards, on_shard, scan,
+                tokens.estimate if estimate else None,
+            )  # fmt: skip
         except BaseException:
             if scan is not None:
                 scan.cancel()
@@ -425,6 +441,7 @@ def _prepare(
     open_shards: dict[str | None, _OpenShard],
     on_shard: Callable[[Shard], None] | None,
     scan: dupkeys.DuplicateKeyScan | None,
+    estimate: Callable[[str, object], tokens.RequestEstimate] | None,
 ) -> PreparedInput:
     max_line = min(limits.max_line_bytes, limits.max_bytes)
     max_requests, max_bytes = limits.max_requests, limits.max_bytes
@@ -455,6 +472,8 @@ def _prepare(
     cur: _OpenShard | None = None
     cur_model: str | None = None
     c_req = c_bytes = c_in = c_next = 0
+    c_tok = 0  # the current shard's estimated input tokens and output bound (None: unbounded)
+    c_out: int | None = 0
     # The current shard's writes (set with `cur`, before the first line is written).
     c_write: Callable[[bytes], object]
     c_ids_write: Callable[[bytes], object]
@@ -540,6 +559,8 @@ def _prepare(
                     c_in,
                     c_next,
                 )
+                if estimate is not None:
+                    cur.tokens, cur.max_output = c_tok, c_out
             cur = open_shards.get(model)
             cur_model = model
             if cur is not None:
@@ -549,12 +570,15 @@ def _prepare(
                     cur.inputs,
                     cur.next_position,
                 )
+                c_tok, c_out = cur.tokens or 0, cur.max_output
                 c_write, c_ids_write = cur.f.write, cur.ids_f.write
                 c_pos_write = cur.pos_f.write if cur.pos_f is not None else None
         if cur is not None and (
             c_req >= max_requests or c_bytes + size > max_bytes or c_in + inputs > max_inputs
         ):
             cur.requests, cur.bytes, cur.inputs, cur.next_position = c_req, c_bytes, c_in, c_next
+            if estimate is not None:
+                cur.tokens, cur.max_output = c_tok, c_out
             finish(open_shards.pop(model))
             cur = None
         if cur is None:
@@ -566,7 +590,8 @@ def _prepare(
             next_index += 1
             if model is not None:
                 models[model] = None
-            c_req = c_bytes = c_in = 0
+            c_req = c_bytes = c_in = c_tok = 0
+            c_out = 0
             c_next = position
             c_write, c_ids_write, c_pos_write = cur.f.write, cur.ids_f.write, None
         elif position != c_next and c_pos_write is None:
@@ -578,11 +603,19 @@ def _prepare(
         c_req += 1
         c_bytes += size
         c_in += inputs
+        if estimate is not None:
+            guess = estimate(endpoint, body)
+            c_tok += guess[0]
+            if c_out is not None:
+                bound = guess[1]
+                c_out = None if bound is None else c_out + bound
         position += 1
         c_next = position
 
     if cur is not None:
         cur.requests, cur.bytes, cur.inputs, cur.next_position = c_req, c_bytes, c_in, c_next
+        if estimate is not None:
+            cur.tokens, cur.max_output = c_tok, c_out
     del seen  # free it before the exact pass
     if position == 0 and not problems.total:
         add(0, "the file holds no requests")

@@ -41,6 +41,7 @@ from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.selectable import TextualSelect
 
+from jobqueue.core.costs import CostEstimate
 from jobqueue.core.states import (
     BATCH_MACHINE,
     BATCH_REMOTE_OPEN,
@@ -60,9 +61,11 @@ from jobqueue.store.batches import (
     held,
     insert_queued_batches,
     new_lease_token,
+    queued_estimate,
 )
 from jobqueue.store.batches import next_batch_number as _next_batch_number
 from jobqueue.store.batches import release as _release
+from jobqueue.store.costs import prices_of
 from jobqueue.store.driver import driver_of
 from jobqueue.store.tables import (
     batches_table,
@@ -378,6 +381,10 @@ class Store:
         conn.execute(insert(jobs_table).values(**job))
         batch_rows = list(batches)
         now = job["created_at"]
+        # The job's event first (hooks get it first), with its batches' estimates summed.
+        prices = prices_of(self)
+        estimate = sum((queued_estimate(prices, row) for row in batch_rows), CostEstimate())
+        budget = {"max_cost": job["max_cost"]} if job.get("max_cost") is not None else {}
         self.add_event(
             conn,
             "job.queued",
@@ -386,10 +393,12 @@ class Store:
             data={
                 "request_counts": _counts(job["request_count"], 0, 0),
                 "batches": len(batch_rows),
+                **estimate.to_data(),
+                **budget,
             },
             now=now,
         )
-        insert_queued_batches(conn, batch_rows, now=now)
+        insert_queued_batches(conn, batch_rows, now=now, prices=prices)
 
     def next_job_number(self, conn: Connection) -> int:
         """A number for a new job, unique for good. PostgreSQL draws it from a sequence (so

@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import Connection, Row, bindparam, func, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
+from jobqueue.core.costs import CostEstimate, PriceTable
 from jobqueue.core.ids import new_id
 from jobqueue.core.lifecycle import TOKEN_LIMIT_CODE
 from jobqueue.core.states import BATCH_REMOTE_OPEN, BatchStatus
+from jobqueue.settings import packaged_prices
 from jobqueue.store.coordination import wake
+from jobqueue.store.costs import prices_of
 from jobqueue.store.events import add_event, request_counts
 from jobqueue.store.requests import fail_pending_requests, move_batch_requests
 from jobqueue.store.tables import batches_table, jobs_table
@@ -117,9 +120,12 @@ def insert_queued_batches(
     *,
     now: float,
     data: Sequence[Mapping[str, Any]] | None = None,
-) -> None:
+    prices: PriceTable | None = None,
+) -> list[CostEstimate]:
     """Insert new batches of a job, `queued`, in one statement, and a `batch.queued` event for
-    each (its attempt, shard index, model and request counts, with `data[i]` added for the i-th).
+    each (its attempt, shard index, model, request counts and estimate: `estimated_tokens`,
+    `max_output_tokens` and their cost range at `prices`, the packaged table when not given;
+    with `data[i]` added for the i-th). Returns the estimates, in order.
 
     Each mapping holds the batch's columns; status, created_at and updated_at default to queued
     and `now`.
@@ -129,10 +135,14 @@ def insert_queued_batches(
         for batch in batches
     ]
     if not rows:
-        return
+        return []
     conn.execute(insert(batches_table), rows)
     extras = list(data) if data is not None else [{}] * len(rows)
+    table = prices if prices is not None else packaged_prices()
+    estimates = []
     for row, extra in zip(rows, extras, strict=True):
+        estimate = queued_estimate(table, row)
+        estimates.append(estimate)
         add_event(
             conn,
             "batch.queued",
@@ -144,10 +154,21 @@ def insert_queued_batches(
                 "shard_index": row["shard_index"],
                 "model": row.get("model"),
                 "request_counts": request_counts(row["request_count"], 0, 0),
+                **estimate.to_data(),
                 **extra,
             },
             now=now,
         )
+    return estimates
+
+
+def queued_estimate(prices: PriceTable, batch: Mapping[str, Any]) -> CostEstimate:
+    """A new batch's estimate (its columns `model`, `estimated_tokens`, `max_output_tokens`)
+    priced at `prices`."""
+    return CostEstimate.of(
+        prices, batch.get("model"), int(batch.get("estimated_tokens") or 0),
+        batch.get("max_output_tokens"),
+    )  # fmt: skip
 
 
 def next_batch_number(conn: Connection, job_id: str) -> int:
@@ -339,6 +360,7 @@ def requeue_after_token_limit(
         "request_count": row.request_count,
         "bytes": row.bytes,
         "estimated_tokens": row.estimated_tokens,
+        "max_output_tokens": row.max_output_tokens,
         "input_file_id": row.input_file_id,
         "not_before": now + delay,
         "token_limit_refusals": refusals,
@@ -348,6 +370,7 @@ def requeue_after_token_limit(
         conn,
         [new],
         now=now,
+        prices=prices_of(store),
         data=[
             {
                 "requeued_from": row.id,

@@ -117,7 +117,10 @@ class ModelUsage:
 
 
 def usage_by_job_and_model(conn: Connection, job_ids: Iterable[str]) -> list[ModelUsage]:
-    """The collected usage of these jobs, by job and model (batches whose usage is known)."""
+    """The collected usage of these jobs, by job and model, in that order (the batch's
+    `model`; None for batches without one): batches not collected yet (or collected before
+    usage was recorded) count nothing, and a job with none has no line. The one query of a
+    job's usage (`Job.usage` in `jobs`, `jobqueue cost`, the job's end event)."""
     wanted = list(job_ids)
     if not wanted:
         return []
@@ -134,6 +137,24 @@ def usage_by_job_and_model(conn: Connection, job_ids: Iterable[str]) -> list[Mod
     return [
         ModelUsage(row[0], row[1], Usage(*(int(v) for v in row[3:])), int(row[2])) for row in rows
     ]
+
+
+def first_attempt_estimates(conn: Connection, job_ids: Iterable[str]) -> list[Row[Any]]:
+    """The estimate columns of these jobs' first-attempt batches (`job_id`, `number`,
+    `shard_index`, `attempt`, `model`, `estimated_tokens`, `max_output_tokens`): what
+    `jobqueue.core.costs.submitted_estimate` sums."""
+    wanted = list(job_ids)
+    if not wanted:
+        return []
+    b = batches_table
+    return list(
+        conn.execute(
+            select(
+                b.c.job_id, b.c.number, b.c.shard_index, b.c.attempt, b.c.model,
+                b.c.estimated_tokens, b.c.max_output_tokens,
+            ).where(b.c.job_id.in_(wanted), b.c.attempt == 1)
+        )
+    )  # fmt: skip
 
 
 def usage_by_model(conn: Connection) -> dict[str | None, Usage]:

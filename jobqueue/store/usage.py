@@ -4,7 +4,9 @@ Each response body's `usage` is read while the batch's result files are scanned 
 pass, see `jobqueue.files.results.scan_line_tokens`), kept per request in `outcomes`, and summed
 into the batch's `input_tokens`, `cached_input_tokens`, `output_tokens` and `reasoning_tokens`
 in the transaction that records its outcomes. Those columns are NULL until the batch is
-collected (not known, never 0); a job's usage is the sum over its collected batches.
+collected (not known, never 0); a job's usage is the sum over its collected batches, by model
+(`jobqueue.store.costs.usage_by_job_and_model`, what the API, `jobqueue cost` and the job's end
+event read).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, update
 
 from jobqueue.files.results import TOKEN_KINDS
 from jobqueue.store.tables import batches_table
@@ -26,28 +28,6 @@ def record_batch_tokens(conn: Connection, batch_id: str, tokens: Mapping[str, in
     conn.execute(
         update(b).where(b.c.id == batch_id).values({k: int(tokens[k]) for k in TOKEN_KINDS})
     )
-
-
-def job_usage(conn: Connection, job_id: str) -> dict[str | None, dict[str, int]]:
-    """The job's tokens summed over its collected batches, by model (the batch's `model`; None
-    for batches without one), then by kind: `input_tokens`, `cached_input_tokens`,
-    `output_tokens`, `reasoning_tokens`. Batches not collected yet (or collected before usage
-    was recorded) count nothing; a job with none gives {}.
-
-        {"gpt-4o-mini": {"input_tokens": 1200, "cached_input_tokens": 0,
-                         "output_tokens": 340, "reasoning_tokens": 0}}
-    """
-    b = batches_table
-    columns = [func.sum(b.c[k]) for k in TOKEN_KINDS]
-    rows = conn.execute(
-        select(b.c.model, *columns)
-        .where(b.c.job_id == job_id, b.c.input_tokens.is_not(None))
-        .group_by(b.c.model)
-    ).all()
-    return {
-        model: {k: int(v or 0) for k, v in zip(TOKEN_KINDS, sums, strict=True)}
-        for model, *sums in rows
-    }
 
 
 def remote_tokens(usage: Mapping[str, Any] | None) -> dict[str, int] | None:

@@ -155,10 +155,9 @@ def test_a_collected_batch_priced_by_its_usage_frees_the_rest_of_its_estimate(
     make_world: Any,
 ) -> None:
     world = make_world(prices=PRICES)
-    job = _submit(world, 4, 2)  # without a budget: its batches are estimated when given one
+    job = _submit(world, 4, 2)  # without a budget: its batches are estimated all the same
     first, second = job.batches
-    assert world.row(first.id).max_output_tokens is None
-    world.jq.set_budget(job.id, 1000.0)
+    assert world.row(first.id).max_output_tokens == 2 * MAX_TOKENS
     each = _estimate(world, first.id)
     world.jq.set_budget(job.id, 1.5 * each)
     ctx = world.ctx()

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
+from jobqueue.core.costs import Price, PriceTable
 from jobqueue.store import Store, batches
 from jobqueue.store.batches import Lease
 from jobqueue.store.tables import events_table
@@ -132,7 +133,10 @@ def test_insert_queued_batches_with_their_events(store: Store) -> None:
         for n in (2, 3)
     ]  # fmt: skip
     rows[1]["attempt"] = 2
-    insert_queued(store, rows, data=[{"retry_of": ["b1"]}, {}])
+    rows[0].update(estimated_tokens=1_000_000, max_output_tokens=500_000)
+    rows[1].update(estimated_tokens=0, max_output_tokens=None)
+    prices = PriceTable({"gpt-4o-mini": Price(input=2.0, cached_input=0.5, output=8.0)})
+    insert_queued(store, rows, data=[{"retry_of": ["b1"]}, {}], prices=prices)
     for row in rows:
         stored = get_batch(store, row["id"])
         assert (stored.status, stored.created_at, stored.updated_at) == ("queued", NOW, NOW)
@@ -142,8 +146,12 @@ def test_insert_queued_batches_with_their_events(store: Store) -> None:
     ] * 2
     assert first[0].data == {
         "attempt": 1, "shard_index": 1, "model": "gpt-4o-mini",
-        "request_counts": {"total": 2, "completed": 0, "failed": 0}, "retry_of": ["b1"],
+        "request_counts": {"total": 2, "completed": 0, "failed": 0},
+        "estimated_input_tokens": 1_000_000, "max_output_tokens": 500_000,
+        "estimated_cost": {"min": 2.0, "max": 6.0},  # at the prices given
+        "retry_of": ["b1"],
     }  # fmt: skip
+    assert second[0].data["estimated_cost"] == {"min": 0.0, "max": None}  # no output bound
     assert second[0].data["attempt"] == 2 and "retry_of" not in second[0].data
     events_before = count(store, events_table)
     insert_queued(store, [])

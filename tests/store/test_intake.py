@@ -106,8 +106,12 @@ def test_insert_job_writes_the_job_its_batches_and_their_events(store: Store) ->
     with store.write() as conn:
         job = _new_job(store, conn, requests=5, created_at=NOW - 3, updated_at=NOW - 3)
         rows = [
-            batch_values(job["id"], 1, requests=3, model="m-a", estimated_tokens=30),
-            batch_values(job["id"], 2, requests=2, model="m-b", estimated_tokens=20),
+            batch_values(
+                job["id"], 1, requests=3, model="m-a", estimated_tokens=30, max_output_tokens=300
+            ),
+            batch_values(
+                job["id"], 2, requests=2, model="m-b", estimated_tokens=20, max_output_tokens=None
+            ),
         ]
         insert_job(store, conn, job, rows)
     row = get_job(store, job["id"])
@@ -126,15 +130,24 @@ def test_insert_job_writes_the_job_its_batches_and_their_events(store: Store) ->
         ("batch.queued", rows[1]["id"], None, "queued"),
     ]
     assert {e.created_at for e in events} == {NOW - 3}
+    # Each batch's estimate and the job's sum: models without a price cost unknown, never 0,
+    # and one batch without an output bound leaves the job's unbounded.
     assert events[0].data == {
         "request_counts": {"total": 5, "completed": 0, "failed": 0},
         "batches": 2,
+        "estimated_input_tokens": 50,
+        "max_output_tokens": None,
+        "estimated_cost": {"min": None, "max": None},
     }
+    assert events[1].data["max_output_tokens"] == 300
     assert events[2].data == {
         "attempt": 1,
         "shard_index": 1,
         "model": "m-b",
         "request_counts": {"total": 2, "completed": 0, "failed": 0},
+        "estimated_input_tokens": 20,
+        "max_output_tokens": None,
+        "estimated_cost": {"min": None, "max": None},
     }
     assert events[0].seq < events[1].seq < events[2].seq
 
