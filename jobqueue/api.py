@@ -63,6 +63,10 @@ REMOTE_MAX_BYTES = 200 * 1024 * 1024
 COMPLETION_WINDOWS = ("24h",)
 # Remote metadata holds 16 pairs; jobqueue keeps two for itself (its job and batch ids).
 MAX_USER_METADATA = 14
+# Without a budget or an enqueued-token limit a submit estimates one request in this many (and
+# each shard's first), scaled by bytes: every request's estimate would cost about as much as
+# the rest of the validation (benchmarks/README.md, "estimates").
+SAMPLED_ESTIMATE_EVERY = 16
 RESERVED_METADATA_PREFIX = "jobqueue_"
 
 
@@ -298,8 +302,9 @@ class JobQueue:
                 job_number = self.store.next_job_number(conn)
                 with RequestIndexLoader(self.store, conn, job_number) as loader:
                     prepared = inputs.prepare_input(
-                        source, endpoint, staging, limits, on_shard=loader.add
-                    )
+                        source, endpoint, staging, limits, on_shard=loader.add,
+                        estimate_every=self._estimate_every(max_cost),
+                    )  # fmt: skip
                 # Again in the transaction that records the job: another submit of the same
                 # file (or name) may have committed meanwhile.
                 self._refuse_duplicates(conn, print_, name, allow_duplicate)
@@ -342,7 +347,7 @@ class JobQueue:
                         "bytes": shard.bytes,
                         # What a budget, the enqueued-token limits and the queued events
                         # count with: the requests' input tokens and output bound, estimated
-                        # (`jobqueue.tokens`) while each line was validated.
+                        # (`jobqueue.tokens`) while the lines were validated.
                         "estimated_tokens": shard.estimated_tokens,
                         "max_output_tokens": shard.max_output_tokens,
                         "created_at": now,
@@ -367,6 +372,13 @@ class JobQueue:
             bytes=prepared.bytes,
         )
         return self.get(job_id)
+
+    def _estimate_every(self, max_cost: float | None) -> int:
+        """Of how many requests submit estimates one (`inputs.prepare_input`): each under a
+        budget or an enqueued-token limit, which count with the estimates; else a sample."""
+        if max_cost is not None or self.settings.enqueued_token_limit is not None:
+            return 1
+        return SAMPLED_ESTIMATE_EVERY
 
     def _refuse_duplicates(
         self, conn: Any, print_: str | None, name: str | None, allow_duplicate: bool
@@ -452,8 +464,9 @@ class JobQueue:
         scratch = Path(tempfile.mkdtemp(prefix=".dry-run-", dir=self.data_dir))
         try:
             prepared = inputs.prepare_input(
-                source, endpoint, scratch / "input", _limits(options), sync=False
-            )
+                source, endpoint, scratch / "input", _limits(options), sync=False,
+                estimate_every=1,
+            )  # fmt: skip
             shards = tuple(_shard_plan(shard, self.prices) for shard in prepared.shards)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -602,17 +615,15 @@ class JobQueue:
         from jobqueue.core.problems import ProblemSource
         from jobqueue.store.problems import clear_problem
 
-        # A job queued by an older jobqueue, which estimated only under a budget, has the
-        # rough bytes / 4 and no output bound: those queued batches are estimated now (one
-        # whose real estimate happens to be that figure is estimated again, to the same).
+        # A job submitted without a budget has estimates from a sample of its requests (or,
+        # queued by an older jobqueue, the rough bytes / 4): a budget counts with every
+        # request's, so its queued batches are estimated again, each request of them.
         with self.store.read() as conn:
             row = self.job_row(conn, job_id)
             queued = [
                 b
                 for b in self.store.job_batches(conn, row.id)
-                if b.status == "queued"
-                and b.max_output_tokens is None
-                and b.estimated_tokens == b.bytes // 4
+                if b.status == "queued" and row.max_cost is None
             ]
         estimates = {}
         if value is not None:

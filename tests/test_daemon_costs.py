@@ -85,7 +85,8 @@ timeout = 20
             api_key=API_KEY, poll_interval=0.2, lease_seconds=5.0,
         )  # fmt: skip
         try:
-            job = jq.submit(source, ENDPOINT, max_batch_requests=10)  # no budget, no limit
+            # A budget well above the cost: every request is estimated (without one, a sample).
+            job = jq.submit(source, ENDPOINT, max_batch_requests=10, max_cost=100.0)
             jq.start()
             job = jq.wait(job.id, timeout=60)
             assert job.status == "completed"

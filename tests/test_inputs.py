@@ -45,7 +45,9 @@ def write(path: Path, *lines: bytes | dict[str, Any]) -> Path:
 
 def prepare(tmp_path: Path, *lines: bytes | dict[str, Any], endpoint: str = CHAT, **limits: int):
     src = write(tmp_path / "in.jsonl", *lines)
-    return prepare_input(src, endpoint, tmp_path / "staging", Limits(**limits), sync=False)
+    return prepare_input(
+        src, endpoint, tmp_path / "staging", Limits(**limits), sync=False, estimate_every=1
+    )
 
 
 def refused(tmp_path: Path, *lines: bytes | dict[str, Any], endpoint: str = CHAT) -> InputError:
@@ -415,10 +417,38 @@ def test_estimates_made_while_validating(tmp_path: Path, monkeypatch: pytest.Mon
         bounds = [b.get("max_tokens") for b in bodies]
         assert shard.max_output_tokens == (None if None in bounds else sum(bounds))
     assert [s.max_output_tokens for s in prepared.shards if s.model == "c"].count(None) == 1
+    assert not any(s.sampled for s in prepared.shards)
     rough = prepare_input(write(tmp_path / "again.jsonl", *reqs), CHAT, tmp_path / "rough",
-                          Limits(max_requests=2), sync=False, estimate=False)  # fmt: skip
+                          Limits(max_requests=2), sync=False, estimate_every=0)  # fmt: skip
     assert all(s.estimated_tokens == s.bytes // 4 for s in rough.shards)
     assert all(s.max_output_tokens is None for s in rough.shards)
+
+
+def test_estimates_from_a_sample_are_scaled_to_the_shard(tmp_path: Path) -> None:
+    """With `estimate_every` N, each shard's first request and then the requests at positions
+    that N divides are estimated; their sums are scaled by bytes (input) and by requests (the
+    output bound), and the shard says it was sampled."""
+    models = ["a", "b", "a", "a", "b", "a", "a", "a", "b", "a", "a", "a", "a", "b", "a"]
+    reqs = [
+        req(f"r{i}", model=m, max_tokens=5 + i,
+            messages=[{"role": "user", "content": "word " * (3 + 11 * i % 17)}])
+        for i, m in enumerate(models)
+    ]  # fmt: skip
+    source = write(tmp_path / "in.jsonl", *reqs)
+    sizes = [len(line) for line in source.read_bytes().splitlines(keepends=True)]
+    prepared = prepare_input(source, CHAT, tmp_path / "s", sync=False, estimate_every=4)
+    assert {s.model for s in prepared.shards} == {"a", "b"}
+    for shard in prepared.shards:
+        positions = [p for p, _ in shard_requests(shard)]
+        picked = [p for i, p in enumerate(positions) if i == 0 or p % 4 == 0]
+        assert shard.sampled and len(picked) < len(positions)
+        tokens_in = sum(tokens.input_tokens(CHAT, reqs[p]["body"]) for p in picked)
+        picked_bytes = sum(sizes[p] for p in picked)
+        assert shard.estimated_tokens == round(tokens_in * shard.bytes / picked_bytes)
+        bound = sum(reqs[p]["body"]["max_tokens"] for p in picked)
+        assert shard.max_output_tokens == round(bound * len(positions) / len(picked))
+    every = prepare_input(source, CHAT, tmp_path / "e", sync=False, estimate_every=1)
+    assert not any(s.sampled for s in every.shards)
 
 
 def test_ids_any_character(tmp_path: Path) -> None:

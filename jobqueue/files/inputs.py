@@ -147,10 +147,12 @@ class Shard:
     bytes: int
     model: str | None
     # The requests' input tokens (`jobqueue.tokens`' heuristic) and the most output tokens they
-    # allow (None: some request sets no bound); without `estimate`, the rough line bytes // 4
-    # and None.
+    # allow (None: some request sets no bound); estimated from a sample of the requests when
+    # `sampled` (see `prepare_input`), else from every one; without an estimate, the rough
+    # line bytes // 4 and None.
     estimated_tokens: int
     max_output_tokens: int | None = None
+    sampled: bool = False
 
 
 @dataclass
@@ -226,6 +228,8 @@ class _OpenShard:
         "pos_f",
         "positions_path",
         "requests",
+        "sampled_bytes",
+        "sampled_requests",
         "tokens",
     )
 
@@ -245,6 +249,9 @@ class _OpenShard:
         self.inputs = 0
         self.tokens: int | None = None  # None: not estimated (bytes // 4)
         self.max_output: int | None = None
+        # What the estimate was made from: the bytes and the number of the requests estimated.
+        self.sampled_bytes = 0
+        self.sampled_requests = 0
 
     def start_positions(self, next_position: int) -> Callable[[bytes], object]:
         """The next line does not follow the previous one: record positions from now on.
@@ -272,9 +279,23 @@ class _OpenShard:
             requests=self.requests,
             bytes=self.bytes,
             model=self.model,
-            estimated_tokens=self.bytes // 4 if self.tokens is None else self.tokens,
-            max_output_tokens=None if self.tokens is None else self.max_output,
+            estimated_tokens=self.bytes // 4 if self.tokens is None else self._scaled_tokens(),
+            max_output_tokens=None if self.tokens is None else self._scaled_output(),
+            sampled=self.tokens is not None and self.sampled_requests < self.requests,
         )
+
+    def _scaled_tokens(self) -> int:
+        """The input tokens of the requests estimated, scaled to all of them by their bytes."""
+        tokens = self.tokens or 0
+        if self.sampled_bytes >= self.bytes or not self.sampled_bytes:
+            return tokens
+        return round(tokens * self.bytes / self.sampled_bytes)
+
+    def _scaled_output(self) -> int | None:
+        out = self.max_output
+        if out is None or self.sampled_requests >= self.requests or not self.sampled_requests:
+            return out
+        return round(out * self.requests / self.sampled_requests)
 
     def abandon(self) -> None:
         for f in (self.f, self.ids_f, self.pos_f):
@@ -313,13 +334,16 @@ def prepare_input(
     *,
     sync: bool = True,
     on_shard: Callable[[Shard], None] | None = None,
-    estimate: bool = True,
+    estimate_every: int = 0,
 ) -> PreparedInput:
     """Validate `source` and write its shards into `staging_dir` (created; must be empty).
 
-    With `estimate`, each request's tokens are estimated as its line is validated
-    (`jobqueue.tokens.estimate` of its body, parsed there already): `Shard.estimated_tokens` and
-    `Shard.max_output_tokens` sum them; without, a shard has its bytes // 4 and no bound.
+    Requests' tokens are estimated as their lines are validated (`jobqueue.tokens.estimate` of
+    the body, parsed there already): with `estimate_every` 1 every request, and
+    `Shard.estimated_tokens` and `Shard.max_output_tokens` sum them; with N > 1 the first
+    request of each shard and then one in N (the estimate costs about as much as the rest of
+    the validation), the sums scaled to the shard by bytes and by requests (`Shard.sampled`);
+    with 0 none, and a shard has its bytes // 4 and no bound.
 
     `on_shard` is called with each shard as soon as it is complete (closed, and fsynced with
     `sync`), in the order shards complete, while the rest of the file is still being read: the
@@ -347,7 +371,7 @@ def prepare_input(
         try:
             return _prepare(
                 f, source, endpoint, staging_dir, limits, sync, open_shards, on_shard, scan,
-                tokens.estimate if estimate else None,
+                tokens.estimate if estimate_every > 0 else None, max(1, estimate_every),
             )  # fmt: skip
         except BaseException:
             if scan is not None:
@@ -442,6 +466,7 @@ def _prepare(
     on_shard: Callable[[Shard], None] | None,
     scan: dupkeys.DuplicateKeyScan | None,
     estimate: Callable[[str, object], tokens.RequestEstimate] | None,
+    every: int,
 ) -> PreparedInput:
     max_line = min(limits.max_line_bytes, limits.max_bytes)
     max_requests, max_bytes = limits.max_requests, limits.max_bytes
@@ -474,6 +499,7 @@ def _prepare(
     c_req = c_bytes = c_in = c_next = 0
     c_tok = 0  # the current shard's estimated input tokens and output bound (None: unbounded)
     c_out: int | None = 0
+    c_sb = c_sn = 0  # the bytes and the number of its requests estimated
     # The current shard's writes (set with `cur`, before the first line is written).
     c_write: Callable[[bytes], object]
     c_ids_write: Callable[[bytes], object]
@@ -561,6 +587,7 @@ def _prepare(
                 )
                 if estimate is not None:
                     cur.tokens, cur.max_output = c_tok, c_out
+                    cur.sampled_bytes, cur.sampled_requests = c_sb, c_sn
             cur = open_shards.get(model)
             cur_model = model
             if cur is not None:
@@ -571,6 +598,7 @@ def _prepare(
                     cur.next_position,
                 )
                 c_tok, c_out = cur.tokens or 0, cur.max_output
+                c_sb, c_sn = cur.sampled_bytes, cur.sampled_requests
                 c_write, c_ids_write = cur.f.write, cur.ids_f.write
                 c_pos_write = cur.pos_f.write if cur.pos_f is not None else None
         if cur is not None and (
@@ -579,6 +607,7 @@ def _prepare(
             cur.requests, cur.bytes, cur.inputs, cur.next_position = c_req, c_bytes, c_in, c_next
             if estimate is not None:
                 cur.tokens, cur.max_output = c_tok, c_out
+                cur.sampled_bytes, cur.sampled_requests = c_sb, c_sn
             finish(open_shards.pop(model))
             cur = None
         if cur is None:
@@ -590,7 +619,7 @@ def _prepare(
             next_index += 1
             if model is not None:
                 models[model] = None
-            c_req = c_bytes = c_in = c_tok = 0
+            c_req = c_bytes = c_in = c_tok = c_sb = c_sn = 0
             c_out = 0
             c_next = position
             c_write, c_ids_write, c_pos_write = cur.f.write, cur.ids_f.write, None
@@ -603,9 +632,11 @@ def _prepare(
         c_req += 1
         c_bytes += size
         c_in += inputs
-        if estimate is not None:
+        if estimate is not None and (every == 1 or not c_sn or position % every == 0):
             guess = estimate(endpoint, body)
             c_tok += guess[0]
+            c_sb += size
+            c_sn += 1
             if c_out is not None:
                 bound = guess[1]
                 c_out = None if bound is None else c_out + bound
@@ -616,6 +647,7 @@ def _prepare(
         cur.requests, cur.bytes, cur.inputs, cur.next_position = c_req, c_bytes, c_in, c_next
         if estimate is not None:
             cur.tokens, cur.max_output = c_tok, c_out
+            cur.sampled_bytes, cur.sampled_requests = c_sb, c_sn
     del seen  # free it before the exact pass
     if position == 0 and not problems.total:
         add(0, "the file holds no requests")
