@@ -13,8 +13,6 @@ not objects, because an export of a million requests handles a million of them.
 
 from __future__ import annotations
 
-import io
-import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -276,44 +274,39 @@ def outcome_rows(
 
 
 class _FileCache:
-    """A few open result files, least recently used closed first, each mapped in memory (a
-    result file is written once, at collection, and never changed)."""
+    """A few open result files, least recently used closed first."""
 
     def __init__(self, size: int = 64) -> None:
-        self._files: OrderedDict[str, tuple[IO[bytes], mmap.mmap | None]] = OrderedDict()
+        self._files: OrderedDict[str, IO[bytes]] = OrderedDict()
         self._size = size
+        self._buffer = bytearray(_RUN_BYTES)
 
-    def open(self, path: str) -> tuple[IO[bytes], mmap.mmap | None]:
-        entry = self._files.get(path)
-        if entry is None:
+    def _file(self, path: str) -> IO[bytes]:
+        f = self._files.get(path)
+        if f is None:
             f = open(path, "rb")  # noqa: SIM115 - kept open across calls, closed by close()
-            try:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (ValueError, OSError):  # empty, or not mappable: read with pread
-                mapped = None
-            entry = self._files[path] = (f, mapped)
+            self._files[path] = f
             if len(self._files) > self._size:
-                _close(self._files.popitem(last=False)[1])
+                self._files.popitem(last=False)[1].close()
         else:
             self._files.move_to_end(path)
-        return entry
+        return f
 
     def read(self, path: str, offset: int, length: int) -> bytes:
-        f, mapped = self.open(path)
-        if mapped is not None:
-            return mapped[offset : offset + length]
-        return os.pread(f.fileno(), length, offset)
+        return os.pread(self._file(path).fileno(), length, offset)
+
+    def read_into(self, path: str, offset: int, length: int) -> tuple[bytearray, int]:
+        """A buffer reused by the next call (no allocation a run) holding the bytes from its
+        start, and how many it holds."""
+        if len(self._buffer) < length:
+            self._buffer = bytearray(length)
+        got = os.preadv(self._file(path).fileno(), [memoryview(self._buffer)[:length]], offset)
+        return self._buffer, got
 
     def close(self) -> None:
-        for entry in self._files.values():
-            _close(entry)
+        for f in self._files.values():
+            f.close()
         self._files.clear()
-
-
-def _close(entry: tuple[IO[bytes], mmap.mmap | None]) -> None:
-    if entry[1] is not None:
-        entry[1].close()
-    entry[0].close()
 
 
 def never_ran_line(custom_id: str, code: str | None, status_code: int | None) -> bytes:
@@ -402,81 +395,40 @@ def write_runs(
     """Write the lines of the requests of `pages` (as `read_runs` reads them) as JSONL, each
     line ending in one newline, to `out`; return the number of lines.
 
-    A run of lines that already are in that form is copied as it is, without splitting it into
-    lines, and into a plain file or pipe by the kernel (`sendfile`), without reading it here.
-    Each of a run's lines was cut at a newline when it was scanned, so the run is in that form
-    when it ends in a newline (only a file's last line may not) and holds no carriage return.
+    A run of lines that already are in that form is written as read, from one buffer reused
+    for every run, without splitting it into lines or copying it. Each of a run's lines was
+    cut at a newline when it was scanned, so the run is in that form when it ends in a newline
+    (only a file's last line may not) and holds no carriage return.
     """
-    sink = _Sink(out)
     cache = _FileCache()
     written = 0
+    pending: list[bytes] = []
+    size = 0
     try:
         for run, path, start, end in _spans(pages, result_paths):
             written += len(run)
-            if path is None:
-                sink.lines(run_lines(run, None))
-                continue
-            f, mapped = cache.open(path)
-            as_is = mapped is not None and mapped[end - 1] == 0x0A
-            if as_is and mapped is not None and mapped.find(b"\r", start, end) < 0:
-                sink.copy(f, mapped, start, end)
-                continue
-            data = cache.read(path, start, end - start)
-            if data.endswith(b"\n") and b"\r" not in data:
-                sink.write(data)
+            if path is not None:
+                buffer, n = cache.read_into(path, start, end - start)
+                if n and buffer[n - 1] == 0x0A and buffer.find(b"\r", 0, n) < 0:
+                    if pending:
+                        out.write(b"".join(pending))
+                        pending.clear()
+                        size = 0
+                    out.write(memoryview(buffer)[:n])
+                    continue
+                lines = run_lines(run, bytes(buffer[:n]))
             else:
-                sink.lines(run_lines(run, data))
-        sink.flush()
+                lines = run_lines(run, None)
+            for line in lines:
+                pending.append(line)
+                pending.append(b"\n")
+                size += len(line) + 1
+            if size >= _WRITE_BYTES:
+                out.write(b"".join(pending))
+                pending.clear()
+                size = 0
+        if pending:
+            out.write(b"".join(pending))
     finally:
         cache.close()
     return written
-
-
-class _Sink:
-    """Where `write_runs` writes: lines gathered into writes of about `_WRITE_BYTES`, and runs
-    copied by `sendfile` where `out` is a plain file object (not one that would encode or
-    compress what it is given, such as a GzipFile, which has a `fileno` too)."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
-        self._pending: list[bytes] = []
-        self._size = 0
-        self._fd: int | None = None
-        if isinstance(out, io.BufferedWriter | io.BufferedRandom | io.FileIO):
-            try:
-                self._fd = out.fileno()
-            except (OSError, ValueError):
-                self._fd = None
-
-    def lines(self, lines: Iterable[bytes]) -> None:
-        for line in lines:
-            self._pending.append(line)
-            self._pending.append(b"\n")
-            self._size += len(line) + 1
-        if self._size >= _WRITE_BYTES:
-            self.flush()
-
-    def write(self, data: bytes) -> None:
-        self.flush()
-        self._out.write(data)
-
-    def copy(self, f: IO[bytes], mapped: mmap.mmap, start: int, end: int) -> None:
-        self.flush()
-        if self._fd is not None:
-            self._out.flush()
-            try:
-                while start < end:
-                    sent = os.sendfile(self._fd, f.fileno(), start, end - start)
-                    if sent == 0:
-                        break
-                    start += sent
-            except OSError:  # e.g. a file opened for appending: write the rest from here on
-                self._fd = None
-        if start < end:
-            self._out.write(mapped[start:end])
-
-    def flush(self) -> None:
-        if self._pending:
-            self._out.write(b"".join(self._pending))
-            self._pending.clear()
-            self._size = 0
