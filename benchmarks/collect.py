@@ -26,6 +26,7 @@ peak RSS is its own (from `wait4`); MB/s is output bytes over the measured call'
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
@@ -293,6 +294,9 @@ def bench_size(
         rows["collect"] = measure_callable(
             "benchmarks.collect:run_collect", {"options": options, "tokens": True}
         )
+        # The collection's writes flushed first: the export writes 1 GB too, and would
+        # otherwise wait out the writeback of the files collected just before it.
+        os.sync()
         rows["export"] = measure_callable(
             "benchmarks.collect:run_export",
             {"options": options, "job_id": job_id, "output": str(work / "results.jsonl")},
