@@ -132,9 +132,22 @@ def requeue_all(store: Any, job_id: str) -> None:
 # -- jobqueue ---------------------------------------------------------------------------------
 
 
+OWNER = "bench:1:abcdef"
+
+
+def claim_values(now: float) -> dict[str, Any]:
+    """What a claim writes with `queued -> submitting`: the lease and the attempt."""
+    return {
+        "lease_owner": OWNER,
+        "lease_until": now + 300,
+        "lease_token": os.urandom(8).hex(),
+        "submit_attempts": 1,
+        "not_before": None,
+    }
+
+
 def jobqueue_rate(store: Any, ids: list[str], per_txn: int) -> float:
     """Transitions a second through `Store.transition_batch`, `per_txn` a transaction."""
-    owner = "bench:1:abcdef"
     start = time.perf_counter()
     for first in range(0, len(ids), per_txn):
         with store.write() as conn:
@@ -145,13 +158,7 @@ def jobqueue_rate(store: Any, ids: list[str], per_txn: int) -> float:
                     batch_id,
                     "queued",
                     "submitting",
-                    values={
-                        "lease_owner": owner,
-                        "lease_until": now + 300,
-                        "lease_token": os.urandom(8).hex(),
-                        "submit_attempts": 1,
-                        "not_before": None,
-                    },
+                    values=claim_values(now),
                     now=now,
                 )
                 assert row is not None
@@ -164,7 +171,6 @@ def jobqueue_grouped_rate(store: Any, ids: list[str], per_txn: int) -> float | N
         return None
     from jobqueue.store import BatchChange
 
-    owner = "bench:1:abcdef"
     start = time.perf_counter()
     for first in range(0, len(ids), per_txn):
         now = time.time()
@@ -173,13 +179,7 @@ def jobqueue_grouped_rate(store: Any, ids: list[str], per_txn: int) -> float | N
                 batch_id,
                 "queued",
                 "submitting",
-                values={
-                    "lease_owner": owner,
-                    "lease_until": now + 300,
-                    "lease_token": os.urandom(8).hex(),
-                    "submit_attempts": 1,
-                    "not_before": None,
-                },
+                values=claim_values(now),
             )
             for batch_id in ids[first : first + per_txn]
         ]
@@ -208,7 +208,7 @@ def bare_loop(
 ) -> float:  # fmt: skip
     update_sql, insert_sql = _UPDATE.format(p=p), _INSERT.format(p=p)
     cur = conn.cursor()
-    owner = "bench:1:abcdef"
+    owner = OWNER
     start = time.perf_counter()
     for first in range(0, len(ids), per_txn):
         begin()
