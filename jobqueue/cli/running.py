@@ -438,6 +438,8 @@ def _write_results(
     except BaseException as exc:
         part.unlink(missing_ok=True)  # never a half-written file left behind
         if isinstance(exc, OSError):
+            from jobqueue.api import JobQueueError
+
             raise JobQueueError(
                 f"cannot write {output}: {exc.strerror or exc}; nothing was written"
             ) from None
