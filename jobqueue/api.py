@@ -355,7 +355,7 @@ class JobQueue:
                     }
                     for shard in shards
                 ]
-                self.store.insert_job(conn, job, batches)
+                self.store.insert_job(conn, job, batches, sampled=[s.sampled for s in shards])
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(final.parent, ignore_errors=True)

@@ -221,6 +221,19 @@ def test_the_config_max_cost_is_the_default_budget(tmp_path: Path) -> None:
             jq.submit(source, ENDPOINT, max_cost=-1)
 
 
+def test_a_job_without_a_budget_is_estimated_from_a_sample_and_says_so(tmp_path: Path) -> None:
+    """Without a budget or a token limit a submit estimates a sample of the requests (the
+    queued events say `estimate_sampled`); under a budget, every request, and they say not."""
+    source = write_jsonl(tmp_path / "in.jsonl", _lines(40, "gpt-4o-mini", max_tokens=10))
+    with JobQueue(database_url=f"sqlite:///{tmp_path / 'jq.db'}", data_dir=tmp_path / "data") as jq:
+        for max_cost, sampled in ((None, True), (5.0, False)):
+            job = jq.submit(source, ENDPOINT, max_cost=max_cost, allow_duplicate=True)
+            queued = [e for e in jq.events(job.id) if e.type.endswith(".queued")]
+            assert [e.data["estimate_sampled"] for e in queued] == [sampled, sampled]
+            # Sampled or not, the output bound of 40 requests of 10 tokens each.
+            assert queued[0].data["max_output_tokens"] == 400
+
+
 def test_budget_command_sets_and_takes_off_a_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

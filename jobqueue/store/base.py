@@ -375,9 +375,16 @@ class Store:
     # -- intake -----------------------------------------------------------------------------
 
     def insert_job(
-        self, conn: Connection, job: Mapping[str, Any], batches: Iterable[Mapping[str, Any]]
+        self,
+        conn: Connection,
+        job: Mapping[str, Any],
+        batches: Iterable[Mapping[str, Any]],
+        *,
+        sampled: Sequence[bool] = (),
     ) -> None:
-        """Insert a job and its queued batches, with `job.queued` and `batch.queued` events."""
+        """Insert a job and its queued batches, with `job.queued` and `batch.queued` events.
+        `sampled[i]`: the i-th batch's estimate was made from a sample of its requests (the
+        events say so, `estimate_sampled`; the job's when any batch's was)."""
         conn.execute(insert(jobs_table).values(**job))
         batch_rows = list(batches)
         now = job["created_at"]
@@ -394,11 +401,16 @@ class Store:
                 "request_counts": _counts(job["request_count"], 0, 0),
                 "batches": len(batch_rows),
                 **estimate.to_data(),
+                "estimate_sampled": any(sampled),
                 **budget,
             },
             now=now,
         )
-        insert_queued_batches(conn, batch_rows, now=now, prices=prices)
+        flags = list(sampled) + [False] * (len(batch_rows) - len(sampled))
+        insert_queued_batches(
+            conn, batch_rows, now=now, prices=prices,
+            data=[{"estimate_sampled": flag} for flag in flags],
+        )  # fmt: skip
 
     def next_job_number(self, conn: Connection) -> int:
         """A number for a new job, unique for good. PostgreSQL draws it from a sequence (so

@@ -155,6 +155,7 @@ def insert_queued_batches(
                 "model": row.get("model"),
                 "request_counts": request_counts(row["request_count"], 0, 0),
                 **estimate.to_data(),
+                "estimate_sampled": False,  # made from every request, unless `extra` says
                 **extra,
             },
             now=now,

@@ -149,6 +149,7 @@ def test_insert_queued_batches_with_their_events(store: Store) -> None:
         "request_counts": {"total": 2, "completed": 0, "failed": 0},
         "estimated_input_tokens": 1_000_000, "max_output_tokens": 500_000,
         "estimated_cost": {"min": 2.0, "max": 6.0},  # at the prices given
+        "estimate_sampled": False,
         "retry_of": ["b1"],
     }  # fmt: skip
     assert second[0].data["estimated_cost"] == {"min": 0.0, "max": None}  # no output bound

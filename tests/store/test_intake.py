@@ -36,9 +36,13 @@ from tests.store.helpers import (
 
 
 def insert_job(
-    store: Store, conn: Connection, job: Mapping[str, Any], batches: list[dict[str, Any]]
+    store: Store,
+    conn: Connection,
+    job: Mapping[str, Any],
+    batches: list[dict[str, Any]],
+    sampled: tuple[bool, ...] = (),
 ) -> None:
-    store.insert_job(conn, job, batches)
+    store.insert_job(conn, job, batches, sampled=sampled)
 
 
 def next_job_number(store: Store, conn: Connection) -> int:
@@ -113,7 +117,7 @@ def test_insert_job_writes_the_job_its_batches_and_their_events(store: Store) ->
                 job["id"], 2, requests=2, model="m-b", estimated_tokens=20, max_output_tokens=None
             ),
         ]
-        insert_job(store, conn, job, rows)
+        insert_job(store, conn, job, rows, sampled=(False, True))
     row = get_job(store, job["id"])
     assert (row.status, row.number, row.request_count) == ("queued", job["number"], 5)
     assert (row.requests_succeeded, row.requests_failed, row.cancel_requested) == (0, 0, False)
@@ -131,15 +135,18 @@ def test_insert_job_writes_the_job_its_batches_and_their_events(store: Store) ->
     ]
     assert {e.created_at for e in events} == {NOW - 3}
     # Each batch's estimate and the job's sum: models without a price cost unknown, never 0,
-    # and one batch without an output bound leaves the job's unbounded.
+    # and one batch without an output bound leaves the job's unbounded; one batch's estimate
+    # from a sample makes the job's one too.
     assert events[0].data == {
         "request_counts": {"total": 5, "completed": 0, "failed": 0},
         "batches": 2,
         "estimated_input_tokens": 50,
         "max_output_tokens": None,
         "estimated_cost": {"min": None, "max": None},
+        "estimate_sampled": True,
     }
     assert events[1].data["max_output_tokens"] == 300
+    assert events[1].data["estimate_sampled"] is False
     assert events[2].data == {
         "attempt": 1,
         "shard_index": 1,
@@ -148,6 +155,7 @@ def test_insert_job_writes_the_job_its_batches_and_their_events(store: Store) ->
         "estimated_input_tokens": 20,
         "max_output_tokens": None,
         "estimated_cost": {"min": None, "max": None},
+        "estimate_sampled": True,
     }
     assert events[0].seq < events[1].seq < events[2].seq
 
