@@ -59,10 +59,7 @@ def make_open_batches(emulator: Any, work: Path, count: int) -> list[dict[str, A
 
 def insert_local_rows(store: Any, remotes: list[dict[str, Any]]) -> str:
     """One job and a batch row per remote batch, in the status the remote holds it in."""
-    from sqlalchemy import insert
-
     from jobqueue.core.ids import new_id
-    from jobqueue.store.tables import batches_table, jobs_table
 
     now = time.time()
     job_id = new_id("job")
@@ -92,6 +89,19 @@ def insert_local_rows(store: Any, remotes: list[dict[str, Any]]) -> str:
                 "expires_at": float(remote["expires_at"]),
             }
         )
+    insert_running_job(store, job_id, rows, requests=len(rows), size=100 * len(rows), now=now)
+    return job_id
+
+
+def insert_running_job(
+    store: Any, job_id: str, rows: list[dict[str, Any]], *, requests: int, size: int, now: float
+) -> None:
+    """A `running` chat job of `requests` requests and `size` bytes, and its batch rows (a
+    thousand a statement)."""
+    from sqlalchemy import insert
+
+    from jobqueue.store.tables import batches_table, jobs_table
+
     with store.write() as conn:
         conn.execute(
             insert(jobs_table).values(
@@ -102,15 +112,15 @@ def insert_local_rows(store: Any, remotes: list[dict[str, Any]]) -> str:
                 user_metadata={},
                 max_batch_requests=50_000,
                 max_batch_bytes=200 * 1024 * 1024,
-                request_count=len(rows),
-                bytes=100 * len(rows),
+                request_count=requests,
+                bytes=size,
                 created_at=now,
                 updated_at=now,
                 started_at=now,
             )
         )
-        conn.execute(insert(batches_table), rows)
-    return job_id
+        for start in range(0, len(rows), 1000):
+            conn.execute(insert(batches_table), rows[start : start + 1000])
 
 
 def run_cycles(ctx: Any, emulator: Any, cycles: int, label: str) -> list[dict[str, Any]]:

@@ -68,10 +68,8 @@ def postgres_schema(base_url: str) -> Iterator[str]:
 
 def add_job(store: Any, count: int, status: str = "queued", **extra: Any) -> tuple[str, list[str]]:
     """One job and `count` batches in `status` (bulk insert, no events)."""
-    from sqlalchemy import insert
-
+    from benchmarks.reconcile import insert_running_job
     from jobqueue.core.ids import new_id
-    from jobqueue.store.tables import batches_table, jobs_table
 
     now = time.time()
     job_id = new_id("job")
@@ -93,25 +91,7 @@ def add_job(store: Any, count: int, status: str = "queued", **extra: Any) -> tup
         }
         for i in range(count)
     ]
-    with store.write() as conn:
-        conn.execute(
-            insert(jobs_table).values(
-                id=job_id,
-                number=store.next_job_number(conn),
-                status="running",
-                endpoint="/v1/chat/completions",
-                user_metadata={},
-                max_batch_requests=50_000,
-                max_batch_bytes=200 * 1024 * 1024,
-                request_count=1000 * count,
-                bytes=100_000 * count,
-                created_at=now,
-                updated_at=now,
-                started_at=now,
-            )
-        )
-        for start in range(0, count, 1000):
-            conn.execute(insert(batches_table), rows[start : start + 1000])
+    insert_running_job(store, job_id, rows, requests=1000 * count, size=100_000 * count, now=now)
     return job_id, [r["id"] for r in rows]
 
 
