@@ -145,7 +145,6 @@ class Store:
                 pool_size=SQLITE_POOL_SIZE,
                 max_overflow=-1,
                 pool_use_lifo=True,
-                pool_reset_on_return=None,
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             )
             _configure_sqlite(self.engine)
