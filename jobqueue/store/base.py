@@ -189,8 +189,7 @@ class Store:
         """
         with self.writer_connection() as conn:
             # On the driver's connection: through SQLAlchemy the pragma would begin a transaction.
-            bulk = bulk and self.dialect == "sqlite"
-            sqlite = conn.connection.driver_connection if bulk else None
+            sqlite = driver_of(conn) if bulk and self.dialect == "sqlite" else None
             if sqlite is not None:
                 sqlite.execute(f"PRAGMA cache_size = {SQLITE_BULK_CACHE_KIB}")
             try:
@@ -405,10 +404,9 @@ class Store:
             },
             now=now,
         )
-        flags = list(sampled) + [False] * (len(batch_rows) - len(sampled))
         insert_queued_batches(
             conn, batch_rows, now=now, prices=prices,
-            data=[{"estimate_sampled": flag} for flag in flags],
+            data=[{"estimate_sampled": flag} for flag in sampled] if sampled else None,
         )  # fmt: skip
 
     def next_job_number(self, conn: Connection) -> int:

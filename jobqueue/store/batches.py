@@ -121,11 +121,11 @@ def insert_queued_batches(
     now: float,
     data: Sequence[Mapping[str, Any]] | None = None,
     prices: PriceTable | None = None,
-) -> list[CostEstimate]:
+) -> None:
     """Insert new batches of a job, `queued`, in one statement, and a `batch.queued` event for
     each (its attempt, shard index, model, request counts and estimate: `estimated_tokens`,
     `max_output_tokens` and their cost range at `prices`, the packaged table when not given;
-    with `data[i]` added for the i-th). Returns the estimates, in order.
+    with `data[i]` added for the i-th).
 
     Each mapping holds the batch's columns; status, created_at and updated_at default to queued
     and `now`.
@@ -135,14 +135,12 @@ def insert_queued_batches(
         for batch in batches
     ]
     if not rows:
-        return []
+        return
     conn.execute(insert(batches_table), rows)
     extras = list(data) if data is not None else [{}] * len(rows)
     table = prices if prices is not None else packaged_prices()
-    estimates = []
     for row, extra in zip(rows, extras, strict=True):
         estimate = queued_estimate(table, row)
-        estimates.append(estimate)
         add_event(
             conn,
             "batch.queued",
@@ -160,7 +158,6 @@ def insert_queued_batches(
             },
             now=now,
         )
-    return estimates
 
 
 def queued_estimate(prices: PriceTable, batch: Mapping[str, Any]) -> CostEstimate:
