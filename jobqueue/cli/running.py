@@ -415,6 +415,8 @@ def _report(report: RunReport, code: int) -> int:
 def _write_results(
     queue: JobQueue, job: Job, output: Path | None, *, errors_only: bool, partial: bool
 ) -> int:
+    from jobqueue.api import JobQueueError
+
     if output is None:
         try:
             written = queue.export_results(
@@ -424,8 +426,6 @@ def _write_results(
         except BrokenPipeError:
             raise
         except OSError as exc:
-            from jobqueue.api import JobQueueError
-
             raise JobQueueError(f"cannot write the results to stdout: {exc.strerror}") from None
         return written
     part = output.with_name(output.name + ".part")
@@ -438,8 +438,6 @@ def _write_results(
     except BaseException as exc:
         part.unlink(missing_ok=True)  # never a half-written file left behind
         if isinstance(exc, OSError):
-            from jobqueue.api import JobQueueError
-
             raise JobQueueError(
                 f"cannot write {output}: {exc.strerror or exc}; nothing was written"
             ) from None

@@ -122,6 +122,11 @@ class CostEstimate:
         cost = prices.estimate(model, input_tokens, max_output)
         return cls(input_tokens, max_output, cost.low, cost.high)
 
+    @classmethod
+    def of_batch(cls, prices: PriceTable, row: Any) -> CostEstimate:
+        """A batch row's estimate (its `model`, `estimated_tokens`, `max_output_tokens`)."""
+        return cls.of(prices, row.model, int(row.estimated_tokens or 0), row.max_output_tokens)
+
     def __add__(self, other: CostEstimate) -> CostEstimate:
         out = self.max_output_tokens
         return CostEstimate(
@@ -158,9 +163,7 @@ def submitted_estimate(prices: PriceTable, batches: Iterable[Any]) -> CostEstima
         return None
     total = CostEstimate()
     for row in first.values():
-        total = total + CostEstimate.of(
-            prices, row.model, int(row.estimated_tokens or 0), row.max_output_tokens
-        )
+        total = total + CostEstimate.of_batch(prices, row)
     return total
 
 

@@ -114,13 +114,7 @@ class Batch:
             estimated_input_tokens=int(row.estimated_tokens or 0),
             max_output_tokens=row.max_output_tokens,
             remote_usage=Usage.of_remote(row.usage),
-            estimate=(
-                CostEstimate.of(
-                    prices, row.model, int(row.estimated_tokens or 0), row.max_output_tokens
-                )
-                if prices is not None
-                else None
-            ),
+            estimate=CostEstimate.of_batch(prices, row) if prices is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
