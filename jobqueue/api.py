@@ -620,11 +620,11 @@ class JobQueue:
         # request's, so its queued batches are estimated again, each request of them.
         with self.store.read() as conn:
             row = self.job_row(conn, job_id)
-            queued = [
-                b
-                for b in self.store.job_batches(conn, row.id)
-                if b.status == "queued" and row.max_cost is None
-            ]
+            queued = (
+                [b for b in self.store.job_batches(conn, row.id) if b.status == "queued"]
+                if row.max_cost is None
+                else []
+            )
         estimates = {}
         if value is not None:
             try:
